@@ -1,0 +1,173 @@
+"""Reading Stable Diffusion checkpoints safely and loading them with a strict, readable check.
+
+Original CompVis-format `.ckpt` files (a pickle, optionally wrapped in `{"state_dict": ...}`)
+and `.safetensors` files are both accepted. Pickles are opened with `weights_only=True`, so a
+file that would import or call code is refused instead of executed.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+# Buffers of LatentDiffusion that the schedule recomputes from the config; checkpoints carry them.
+SCHEDULE_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights", "scale_factor",
+}
+_CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line that names the file."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Return the tensors of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, on the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file (expected a .ckpt or .safetensors checkpoint)")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a .ckpt or .safetensors checkpoint file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: file is empty")
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                              "is it a text or HTML file?")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses globals it does not know: the file wants to build objects or run code.
+        what = re.search(r"GLOBAL (\S+)", str(err))
+        culprit = f" ({what.group(1)})" if what else ""
+        raise CheckpointError(f"{path}: refused to unpickle: the file asks to import or call code{culprit}, "
+                              "and only plain tensors are loaded; convert it to .safetensors with a trusted tool")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}")
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {err}")
+
+
+def normalize_keys(state: Mapping[str, torch.Tensor], ema_names: Iterable[str] = (),
+                   use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Map the naming variants of real checkpoints onto this project's names.
+
+    - `cond_stage_model.transformer.text_model.*` (the CompVis releases, transformers 4.x names) -> `cond_stage_model.transformer.*`
+    - `*.position_ids` and the diffusion-schedule buffers are dropped (recomputed from the config).
+    - `model_ema.*` copies are dropped, or with `use_ema` replace the U-Net weights; LitEma stores
+      them with the dots removed, so `ema_names` (the model's `model.*` parameter names) resolve them.
+    """
+    out, ema = {}, {}
+    for key, value in state.items():
+        if key.startswith("model_ema."):
+            ema[key[len("model_ema."):]] = value
+            continue
+        if key.endswith(".position_ids") or key in SCHEDULE_BUFFERS:
+            continue
+        out[key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = value
+    if use_ema:
+        by_flat = {name[len("model."):].replace(".", ""): name for name in ema_names if name.startswith("model.")}
+        found = {by_flat[k]: v for k, v in ema.items() if k in by_flat}
+        if not found:
+            raise CheckpointError("use_ema was asked for, but the checkpoint holds no model_ema.* weights")
+        out.update(found)
+    return out
+
+
+def sd_version(state: Mapping[str, torch.Tensor]) -> str | None:
+    """'SD 1.x' or 'SD 2.x' from the text encoder's names (or the context width), None if unknown."""
+    if any(k.startswith("cond_stage_model.model.") for k in state):
+        return "SD 2.x"
+    if any(k.startswith("cond_stage_model.transformer.") for k in state):
+        return "SD 1.x"
+    w = state.get(_CONTEXT_KEY)
+    return None if w is None else {768: "SD 1.x", 1024: "SD 2.x"}.get(int(w.shape[1]))
+
+
+def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str,
+                     ignore_missing: Iterable[str] = ()) -> None:
+    """Raise a one-line CheckpointError unless `found` has exactly the names and shapes of `expected`.
+
+    `ignore_missing` lists keys the model has but a base checkpoint is not expected to carry
+    (for example Perfusion's concept parameters).
+    """
+    ignore = set(ignore_missing)
+    missing = [k for k in expected if k not in found and k not in ignore]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(found[k].shape)} in file, "
+                     f"{list(expected[k].shape)} in model)")
+    file_version, model_version = sd_version(found), sd_version(expected)
+    hint = ""
+    if file_version and model_version and file_version != model_version:
+        hint = f"; hint: this looks like an {file_version} checkpoint but the config is {model_version}"
+    raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}{hint}")
+
+
+def load_model(model: torch.nn.Module, path: str | Path, use_ema: bool = False,
+               ignore_missing: Iterable[str] = ()) -> None:
+    """Load a whole LatentDiffusion checkpoint into `model` after a strict name/shape check."""
+    raw = read_state_dict(path)
+    expected = model.state_dict()
+    state = normalize_keys(raw, ema_names=expected.keys(), use_ema=use_ema)
+    _check_schedule(model, raw, path)
+    check_compatible(expected, state, str(path), ignore_missing)
+    model.load_state_dict(state, strict=False)
+
+
+def load_into(module: torch.nn.Module, source: str | Path | Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Load the keys under `prefix` (e.g. 'cond_stage_model.') of a checkpoint into a submodule."""
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    raw = source if isinstance(source, Mapping) else read_state_dict(source)
+    state = {k[len(prefix):]: v for k, v in normalize_keys(raw).items() if k.startswith(prefix)}
+    if not state:
+        version = sd_version(raw)
+        raise CheckpointError(f"{name}: no weights under '{prefix}'" + (f" (file looks like {version})" if version else ""))
+    check_compatible(module.state_dict(), state, f"{name} [{prefix}*]")
+    module.load_state_dict(state, strict=False)
+
+
+def _check_schedule(model: torch.nn.Module, raw: Mapping[str, torch.Tensor], path) -> None:
+    betas = raw.get("betas")
+    mine = getattr(model, "betas", None)
+    if betas is None or mine is None:
+        return
+    if betas.shape != mine.shape or not torch.allclose(betas.double(), mine.double().cpu(), rtol=1e-4, atol=1e-7):
+        raise CheckpointError(f"{path}: the checkpoint's noise schedule (betas) differs from the config's "
+                              f"(timesteps/linear_start/linear_end)")

@@ -1,0 +1,1 @@
+"""Data helpers: image loading and the prompt templates of the training set."""

@@ -1,0 +1,35 @@
+"""Classifier-free guidance (Ho & Salimans 2022): out = u + s (c - u)."""
+from __future__ import annotations
+
+import torch
+
+
+class GuidedDenoiser:
+    """Calls the latent-diffusion network on `cond` (and `uncond`) and mixes with guidance scale `scale`.
+
+    The conditional and unconditional halves run as one batch. Returns the network's own output
+    type (eps or v); the mixing is linear, so it is valid for both.
+    """
+
+    def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 1.0):
+        if uncond is not None and uncond.shape != cond.shape:
+            raise ValueError(f"unconditional encodings {tuple(uncond.shape)} differ from conditional {tuple(cond.shape)}")
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.uncond is None:
+            return self.model.apply_model(x, t, self.cond)
+        out_u, out_c = self.model.apply_model(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond])
+        ).chunk(2)
+        return out_u + self.scale * (out_c - out_u)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=torch.device(device).type).manual_seed(int(seed))
+
+
+def initial_noise(shape, device, generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
+    """Seeded noise drawn on the generator's device (so a seed gives the same code on CPU every run)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
