@@ -1,8 +1,9 @@
 """The prompt-ensemble soft mask: CLIPSeg's sigmoid prediction averaged over prompt templates.
 
-Perfusion weights its diffusion loss by a zero-shot mask of the concept (paper, Sec. 4, "zero-shot
-mask"); here it is the mean over the training templates ("a photo of a {}", ...) filled with the
-superclass word, resized back to each image's size.
+Perfusion weights its diffusion loss by a zero-shot soft mask of the concept (Tewel et al. 2023,
+the "zero-shot mask" of the training setup and its ablation); here it is the mean over the
+training templates ("a photo of a {}", ...) filled with the superclass word, resized back to
+each image's size. It is stored unnormalised; training normalises it by its maximum.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class SoftMasker:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
         # Same steps as CLIPSegForImageSegmentation.forward, with the vision pass shared by all
         # templates (tests/test_soft_segment.py checks equality with forward()).
-        vision = self.model.clip.vision_model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+        vision = self.model.clip.vision_model(pixel_values=pixels, output_hidden_states=True,
+                                              interpolate_pos_encoding=True)
         activations = [vision.hidden_states[i + 1] for i in self.model.extract_layers]
         total = None
         for cond in self.conditionals:
@@ -66,5 +68,6 @@ class SoftMasker:
 def probability_to_uint8(prob: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Resize a (h, w) probability map bilinearly to `size` = (width, height) and quantise to 0..255."""
     width, height = size
-    resized = F.interpolate(prob[None, None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    resized = F.interpolate(prob[None, None].float(), size=(height, width), mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0]
     return (resized.clamp(0, 1) * 255).round().to(torch.uint8).numpy()

@@ -30,7 +30,8 @@ def check_model_dir(directory: str | Path) -> Path:
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{directory}: no weights (looked for {', '.join(WEIGHT_FILES)}); {HINT}")
     if not any((directory / name).is_file() for name in PROCESSOR_FILES):
-        raise FileNotFoundError(f"{directory}: no image preprocessing config (looked for {', '.join(PROCESSOR_FILES)}); {HINT}")
+        raise FileNotFoundError(f"{directory}: no image preprocessing config "
+                                f"(looked for {', '.join(PROCESSOR_FILES)}); {HINT}")
     return directory
 
 
@@ -55,7 +56,8 @@ def load_clipseg(directory: str | Path, device: str | torch.device = "cpu"):
         if _has_tokenizer(directory):
             tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
         else:
-            warnings.warn(f"{directory}: no tokenizer files; using the CLIP vocabulary shipped with open_clip", stacklevel=2)
+            warnings.warn(f"{directory}: no tokenizer files; using the CLIP vocabulary shipped with open_clip",
+                          stacklevel=2)
             tokenizer = build_tokenizer()
         image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
         processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -21,12 +21,9 @@ def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
 
 
 def _fit(image: Image.Image, box: int) -> Image.Image:
-    """`image` scaled to fit a box x box square, centred on a dark canvas."""
+    """`image` scaled to fit inside a box x box square, aspect ratio kept."""
     scale = box / max(image.size)
-    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    canvas = Image.new("RGB", (box, box), BACKGROUND)
-    canvas.paste(small, ((box - small.width) // 2, (box - small.height) // 2))
-    return canvas
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
 
 
 def make_preview(items: Sequence[tuple[str, Image.Image, np.ndarray]], thumb: int = 192,
@@ -38,17 +35,22 @@ def make_preview(items: Sequence[tuple[str, Image.Image, np.ndarray]], thumb: in
     font = ImageFont.load_default()
     label_h, pad = 18, 6
     cols = min(pairs_per_row, len(items))
-    rows = -(-len(items) // cols)
-    cell_w, cell_h = 2 * thumb + pad, thumb + label_h
-    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), BACKGROUND)
+    cells = [(name, _fit(image, thumb), _fit(overlay(image, mask), thumb), mask) for name, image, mask in items]
+    rows = [cells[i : i + cols] for i in range(0, len(cells), cols)]
+    heights = [max(c[1].height for c in row) + label_h for row in rows]
+    cell_w = 2 * thumb + pad
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, sum(heights) + pad * (len(rows) + 1)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    for k, (name, image, mask) in enumerate(items):
-        x = pad + (k % cols) * (cell_w + pad)
-        y = pad + (k // cols) * (cell_h + pad)
-        sheet.paste(_fit(image, thumb), (x, y))
-        sheet.paste(_fit(overlay(image, mask), thumb), (x + thumb + pad, y))
-        stats = f"peak {mask.max() / 255:.2f}, >0.5: {(mask > 127).mean():.0%}"
-        draw.text((x, y + thumb + 3), f"{_shorten(name, 2 * thumb // 7 - len(stats) - 2)}  {stats}", fill=(230, 230, 230), font=font)
+    y = pad
+    for row, height in zip(rows, heights):
+        for k, (name, small, over, mask) in enumerate(row):
+            x = pad + k * (cell_w + pad)
+            sheet.paste(small, (x + (thumb - small.width) // 2, y))
+            sheet.paste(over, (x + thumb + pad + (thumb - over.width) // 2, y))
+            stats = f"peak {mask.max() / 255:.2f}, >0.5: {(mask > 127).mean():.0%}"
+            label = f"{_shorten(name, 2 * thumb // 7 - len(stats) - 2)}  {stats}"
+            draw.text((x, y + height - label_h + 3), label, fill=(230, 230, 230), font=font)
+        y += height + pad
     return sheet
 
 

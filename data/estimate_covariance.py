@@ -10,23 +10,19 @@ by --token_rule, and saves C and C^-1 with metadata (see ldm/covariance.py).
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from ldm.covariance import (  # noqa: E402
-    TOKEN_RULES, CovarianceAccumulator, add_ridge, eigen_report, invert, save_covariance, token_mask,
+    DEFAULT_RIDGE, TOKEN_RULES, accumulate, add_ridge, count_captions, eigen_report, invert, save_covariance,
 )
 
 DEFAULT_CAPTIONS = REPO_ROOT / "data" / "captions.txt"
@@ -39,12 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", required=True, help="model YAML; its model.params.cond_stage_config is built")
-    parser.add_argument("--ckpt", default=None, help="base SD checkpoint (.ckpt/.safetensors) holding cond_stage_model.* weights")
-    parser.add_argument("--captions", default=str(DEFAULT_CAPTIONS), help="text file, one caption per line (.gz accepted); blank lines skipped")
+    parser.add_argument("--ckpt", default=None,
+                        help="base SD checkpoint (.ckpt/.safetensors) holding cond_stage_model.* weights")
+    parser.add_argument("--captions", default=str(DEFAULT_CAPTIONS),
+                        help="text file, one caption per line (.gz accepted); blank lines skipped")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--token_rule", choices=TOKEN_RULES, default="all",
-                        help="which of the 77 positions count: all = start, words, end and padding (what the cross-attention sees)")
-    parser.add_argument("--ridge", type=float, default=0.0, help="add ridge * mean eigenvalue * I to C")
+                        help="which of the 77 positions count; all = start, words, end and padding, "
+                             "everything the cross-attention sees")
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                        help="add ridge * mean eigenvalue * I to C; the default bounds the condition number by d * 1e6")
     parser.add_argument("--batch_size", type=int, default=64, help="captions per text-encoder pass")
     parser.add_argument("--max_captions", type=int, default=None, help="use only the first N captions")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -59,52 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _open_text(path: Path) -> TextIO:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_captions(path: str | Path, limit: int | None = None) -> Iterator[str]:
-    """Non-blank lines of `path`, stripped, streamed (never the whole file in memory)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption file not found" + (" (it is a directory)" if path.is_dir() else ""))
-    count = 0
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and count >= limit:
-                    return
-                text = line.strip()
-                if text:
-                    count += 1
-                    yield text
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (near line {lineno + 1}): {err.reason}") from err
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read captions: {err}") from err
-
-
-def count_captions(path: str | Path, limit: int | None = None) -> int:
-    """Number of captions that `iter_captions` yields; ValueError if there are none."""
-    n = sum(1 for _ in iter_captions(path, limit))
-    if n == 0:
-        raise ValueError(f"{path}: no captions (the file is empty or has only blank lines)")
-    return n
-
-
-def batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def build_text_encoder(config_path: str, ckpt: str | None, seed: int):
     """The config's cond_stage_model alone, with weights from `ckpt` (random only for tiny encoders)."""
     from ldm.build import ConfigError, load_config
@@ -115,36 +69,19 @@ def build_text_encoder(config_path: str, ckpt: str | None, seed: int):
     cond = config.model.get("params", {}).get("cond_stage_config")
     if cond is None:
         raise ConfigError(f"{config_path}: no model.params.cond_stage_config (the text encoder)")
-    torch.manual_seed(seed)
-    encoder = instantiate_from_config(cond)
-    if ckpt is not None:
-        load_into(encoder, ckpt, prefix="cond_stage_model.")
-    else:
-        n = count_params(encoder)
+    if ckpt is None:
+        with torch.device("meta"):  # count the parameters without allocating them
+            n = count_params(instantiate_from_config(cond))
         if n > MAX_RANDOM_PARAMS:
             raise ValueError(f"--ckpt is required for {config_path}: its text encoder has {n / 1e6:.0f} M parameters "
                              "and random weights would give a meaningless covariance")
         print(f"warning: no --ckpt: using RANDOM weights (seed {seed}) for the test-size text encoder of "
               f"{config_path}; the covariance is only good for tests", file=sys.stderr)
+    torch.manual_seed(seed)
+    encoder = instantiate_from_config(cond)
+    if ckpt is not None:
+        load_into(encoder, ckpt, prefix="cond_stage_model.")
     return encoder.eval()
-
-
-def accumulate(encoder, captions: Iterator[str], rule: str, batch_size: int, total: int | None = None,
-               progress: bool = True) -> tuple[CovarianceAccumulator, str]:
-    """Run the encoder over `captions`; return the accumulator and a SHA-256 of the captions used."""
-    device = encoder.token_embedding.weight.device
-    acc = CovarianceAccumulator(encoder.output_dim, device=device)
-    digest = hashlib.sha256()
-    eot = encoder.tokenizer.eot_token_id
-    with tqdm(total=total, unit="caption", desc="encoding captions", disable=not progress) as bar, torch.inference_mode():
-        for batch in batched(captions, batch_size):
-            for text in batch:
-                digest.update(text.encode("utf-8") + b"\n")
-            tokens = encoder.tokenize(batch)
-            encodings = encoder.encode_embeddings(tokens, encoder.token_embedding(tokens))
-            acc.update(encodings, token_mask(tokens, rule, eot))
-            bar.update(len(batch))
-    return acc, digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = encoder.fingerprint()
 
     start = time.perf_counter()
-    acc, captions_sha = accumulate(encoder, iter_captions(args.captions, args.max_captions), args.token_rule,
-                                   args.batch_size, total=n_captions)
+    acc, captions_sha = accumulate(encoder, args.captions, args.max_captions, args.token_rule, args.batch_size,
+                                   progress=True, total=n_captions)
     seconds = time.perf_counter() - start
     c, ridge_abs = add_ridge(acc.finalize(), args.ridge)
     report = eigen_report(c)
@@ -167,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
           f"dim: {acc.dim}  time: {seconds:.1f} s")
     print(f"eigenvalues: min {report['eig_min']:.4g}  max {report['eig_max']:.4g}  "
           f"condition number {report['condition_number']:.4g}")
-    if report["condition_number"] > ILL_CONDITIONED:
-        print(f"warning: C is ill-conditioned (> {ILL_CONDITIONED:.0e}); consider --ridge 1e-6 or more captions",
-              file=sys.stderr)
     c_inv = invert(c)
+    if report["condition_number"] > ILL_CONDITIONED:
+        print(f"warning: C is ill-conditioned (condition number {report['condition_number']:.3g}); a larger --ridge "
+              "(e.g. 1e-4) or more captions make C^-1 better behaved", file=sys.stderr)
     metadata = {
         "text_encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
         "text_encoder_fingerprint": fingerprint,

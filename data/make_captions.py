@@ -148,6 +148,8 @@ QUALITY = ["highly detailed", "4k", "8k", "high resolution", "sharp focus", "sof
            "cinematic", "volumetric light", "octane render", "unreal engine", "muted colors",
            "vibrant colors", "pastel colors", "high contrast", "film grain", "hdr", "symmetrical",
            "intricate", "matte painting", "professional photography", "dslr", "product photography"]
+WEARABLES = ["hat", "scarf", "crown", "santa hat", "backpack", "bow tie", "pair of sunglasses", "chef hat",
+             "superhero cape"]
 SHOTS = ["close-up of", "portrait of", "wide shot of", "top view of", "side view of", "photo of",
          "picture of", "image of", "macro shot of", "silhouette of", "reflection of", "drawing of"]
 
@@ -199,8 +201,9 @@ def relation(rng):
 
 def interaction(rng):
     subject = rng.choice(ANIMALS + PEOPLE)
-    return f"{article(described(rng, subject))} {rng.choice(VERBS_SUBJECT_OBJECT)} {article(described(rng, rng.choice(OBJECTS)))}" + (
-        f" {rng.choice(SCENES)}" if rng.random() < 0.5 else "")
+    thing = described(rng, rng.choice(OBJECTS))
+    scene = f" {rng.choice(SCENES)}" if rng.random() < 0.5 else ""
+    return f"{article(described(rng, subject))} {rng.choice(VERBS_SUBJECT_OBJECT)} {article(thing)}{scene}"
 
 
 def product(rng):
@@ -245,7 +248,7 @@ def personalised(rng):  # the kind of prompt a personalised concept is used in
     subject = rng.choice(ANIMALS + OBJECTS[:80])
     r = rng.random()
     if r < 0.25:
-        return f"{article(subject)} wearing {article(rng.choice(['hat', 'scarf', 'crown', 'santa hat', 'backpack', 'bow tie', 'pair of sunglasses', 'chef hat', 'superhero cape']))}"
+        return f"{article(subject)} wearing {article(rng.choice(WEARABLES))}"
     if r < 0.5:
         return f"{article(subject)} {rng.choice(SCENES)}, {quality(rng, 2)}"
     if r < 0.7:

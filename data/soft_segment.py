@@ -25,13 +25,15 @@ from ldm.util import atomic_path  # noqa: E402
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "ckpt" / "clipseg-rd64-refined"
 PREVIEW_NAME = "preview.png"
+PREVIEW_MAX_IMAGES = 60
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image_dir", required=True, help="folder of the concept's images (not searched recursively)")
-    parser.add_argument("--super_class", required=True, help='the concept\'s superclass word or phrase, e.g. "cat" or "teddy bear"')
+    parser.add_argument("--super_class", required=True,
+                        help='the concept\'s superclass word or phrase, e.g. "cat" or "teddy bear"')
     parser.add_argument("--model_weight", default=str(DEFAULT_MODEL_DIR),
                         help="local CLIPSeg folder in Hugging Face format (e.g. CIDAS/clipseg-rd64-refined)")
     parser.add_argument("--out_dir", default=None, help="where masks go (default: IMAGE_DIR/mask)")
@@ -49,9 +51,11 @@ def mask_path(out_dir: Path, image: Path) -> Path:
 
 
 def check_unique_stems(images: list[Path]) -> None:
-    """Two images with one stem (cat.jpg, cat.png) would share one mask file."""
+    """Two images with one stem (cat.jpg, cat.png) would share one mask file; "preview" is taken."""
     seen: dict[str, Path] = {}
     for path in images:
+        if path.stem == Path(PREVIEW_NAME).stem:
+            raise ValueError(f"{path}: its mask would overwrite the preview sheet {PREVIEW_NAME}; rename the image")
         if path.stem in seen:
             raise ValueError(f"{path} and {seen[path.stem]} would both write mask {path.stem}.png; rename one of them")
         seen[path.stem] = path
@@ -65,6 +69,9 @@ def save_mask(mask: np.ndarray, path: Path) -> None:
 def write_preview(images: list[Path], out_dir: Path) -> Path:
     from clipseg.preview import make_preview
 
+    if len(images) > PREVIEW_MAX_IMAGES:
+        print(f"preview shows the first {PREVIEW_MAX_IMAGES} of {len(images)} images")
+        images = images[:PREVIEW_MAX_IMAGES]
     items = []
     for path in images:
         with Image.open(mask_path(out_dir, path)) as m:
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     image_dir = Path(args.image_dir)
     out_dir = Path(args.out_dir) if args.out_dir else image_dir / "mask"
     images = list_images(image_dir)
+    if out_dir.resolve() == image_dir.resolve():
+        raise ValueError(f"--out_dir {out_dir} is the image folder itself; masks need a folder of their own")
     if not images:
         raise ValueError(f"{image_dir}: no images found (expected files such as .jpg, .png, .webp)")
     check_unique_stems(images)
@@ -94,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         from clipseg import SoftMasker, load_clipseg
 
         hf_logging.disable_progress_bar()
-
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as err:

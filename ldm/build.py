@@ -46,10 +46,28 @@ def load_config(paths: Sequence[str | Path], overrides: Iterable[str] = ()) -> D
 
 def build_model(config: DictConfig, ckpt: str | Path | None = None, use_ema: bool = False,
                 device: str | torch.device = "cpu", seed: int = 0):
-    """Instantiate `config.model`; load `ckpt` if given, else keep seeded random weights."""
+    """Instantiate `config.model`; load `ckpt` if given, else keep seeded random weights.
+
+    Random weights are "project-made": the layers SD initialises to zero (each block's output
+    projection, the U-Net's last conv) get random values too, otherwise the untrained network
+    would ignore its text conditioning and nothing downstream of it could be tested.
+    """
     torch.manual_seed(seed)
     model = instantiate_from_config(config.model)
-    if ckpt is not None:
+    if ckpt is None:
+        randomize_zero_weights(model)
+    else:
         ignore = model.non_base_keys() if hasattr(model, "non_base_keys") else ()
         load_model(model, ckpt, use_ema=use_ema, ignore_missing=ignore)
     return model.to(device).eval()
+
+
+@torch.no_grad()
+def randomize_zero_weights(module: torch.nn.Module) -> int:
+    """Give every all-zero weight matrix/kernel a small random init (std 0.02); returns how many."""
+    count = 0
+    for p in module.parameters():
+        if p.dim() >= 2 and not p.is_meta and not p.any():
+            p.normal_(0.0, 0.02)
+            count += 1
+    return count

@@ -28,3 +28,25 @@ def tiny_v1():
 @pytest.fixture(scope="session")
 def tiny_v2():
     return build_model(load_config([TINY_V2]), seed=0)
+
+TINY_PERFUSION = ROOT / "configs/tiny/perfusion-tiny.yaml"
+
+
+def tiny_perfusion_model(*overrides: str):
+    """A fresh tiny Perfusion model (random seeded weights, C from 300 shipped captions)."""
+    config = load_config([TINY_PERFUSION], ["model.params.covariance_max_captions=300", *overrides])
+    return build_model(config, seed=0)
+
+
+def perfusion_batch(model, n: int = 2, seed: int = 0):
+    from ldm.data.templates import TEMPLATES, fill
+
+    g = torch.Generator().manual_seed(seed)
+    side = model.image_size * model.first_stage_model.downsample_factor
+    templates = [TEMPLATES[(seed + i) % len(TEMPLATES)] for i in range(n)]
+    return {
+        "image": torch.rand(n, 3, side, side, generator=g) * 2 - 1,
+        "mask": torch.rand(n, 1, side, side, generator=g),
+        "caption": [fill(t, model.placeholder) for t in templates],
+        "caption_super": [fill(t, model.superclass) for t in templates],
+    }

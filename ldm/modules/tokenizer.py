@@ -48,6 +48,10 @@ class CLIPTokenizer:
         """How many tokens `text` takes (1 for a word that is a single vocabulary entry)."""
         return len(self.encode(text))
 
+    def decode_token(self, token_id: int) -> str:
+        """The BPE piece of one id; a piece that ends a word carries the '</w>' suffix."""
+        return self._bpe.decoder[int(token_id)]
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of a token row: the start token is skipped and decoding stops at the first end token."""
         if isinstance(ids, torch.Tensor):

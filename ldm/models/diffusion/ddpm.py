@@ -49,6 +49,7 @@ class LatentDiffusion(pl.LightningModule):
         first_stage_key: str = "image",
         cond_stage_key: str = "caption",
         learning_rate: float = 1.0e-4,
+        mask_floor: float = 0.0,
     ):
         super().__init__()
         if parameterization not in ("eps", "v"):
@@ -61,6 +62,9 @@ class LatentDiffusion(pl.LightningModule):
         self.cond_stage_key = cond_stage_key
         self.learning_rate = learning_rate
         self.num_timesteps = timesteps
+        if not 0.0 <= mask_floor <= 1.0:
+            raise ValueError(f"mask_floor must be in [0, 1], got {mask_floor}")
+        self.mask_floor = mask_floor
 
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
@@ -136,6 +140,15 @@ class LatentDiffusion(pl.LightningModule):
         weight = weight.float().expand_as(error)
         return (weight * error).sum() / weight.sum().clamp_min(1e-8)
 
+    def latent_mask(self, mask: torch.Tensor | None, size) -> torch.Tensor | None:
+        """Soft mask (B, 1, H, W) -> loss weight at latent size: area-resized, divided by its
+        maximum, plus `mask_floor` so the background keeps some weight."""
+        if mask is None:
+            return None
+        m = F.interpolate(mask.float(), size=tuple(size), mode="area")
+        m = m / m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return self.mask_floor + (1 - self.mask_floor) * m
+
     def sample_timesteps(self, batch_size: int) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device)
 
@@ -143,7 +156,8 @@ class LatentDiffusion(pl.LightningModule):
     def shared_step(self, batch):
         z = self.encode_first_stage(batch[self.first_stage_key])
         cond = self.get_learned_conditioning(batch[self.cond_stage_key])
-        return self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=batch.get("mask"))
+        weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
+        return self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch)

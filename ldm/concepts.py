@@ -1,0 +1,100 @@
+"""Concept files: the ~60 KB a trained Perfusion concept consists of, as safetensors.
+
+Tensors: `embedding` (the placeholder's word embedding), `i_star` and `i_super` (target
+inputs: concept and superclass encodings), `o_star_v.<l>` (one learned value output per
+cross-attention layer). Key outputs are not stored: key-locking makes them W_K i_super.
+The covariance is referenced by fingerprint, never copied in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.util import atomic_path
+
+FORMAT = "perfusion-concept"
+VERSION = 1
+
+
+class ConceptError(ValueError):
+    """A concept file that cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class Concept:
+    embedding: torch.Tensor            # (d_token,)
+    i_star: torch.Tensor               # (d_ctx,)
+    i_super: torch.Tensor              # (d_ctx,)
+    o_star_v: list[torch.Tensor]       # one (d_out_l,) per cross-attention layer
+    placeholder: str
+    superclass: str
+    train_beta: float
+    train_tau: float
+    fingerprints: dict[str, str] = field(default_factory=dict)  # unet, text_encoder, covariance
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"embedding": self.embedding, "i_star": self.i_star, "i_super": self.i_super}
+        out.update({f"o_star_v.{i}": v for i, v in enumerate(self.o_star_v)})
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def save_concept(path: str | Path, concept: Concept) -> Path:
+    """Write atomically; refuses non-finite values so a NaN never reaches a saved concept."""
+    from safetensors.torch import save_file
+
+    tensors = concept.tensors()
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ConceptError(f"{path}: not saved, the concept has NaN/inf values in {', '.join(bad[:3])}")
+    metadata = {
+        "format": FORMAT, "version": str(VERSION),
+        "placeholder": concept.placeholder, "superclass": concept.superclass,
+        "train_beta": repr(float(concept.train_beta)), "train_tau": repr(float(concept.train_tau)),
+        "fingerprints": json.dumps(concept.fingerprints, sort_keys=True),
+        "extra": json.dumps(concept.extra, sort_keys=True),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def load_concept(path: str | Path) -> Concept:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptError(f"{path}: no such concept file" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConceptError(f"{path}: not a readable safetensors concept file (truncated or corrupt?): {err}")
+    if meta.get("format") != FORMAT:
+        raise ConceptError(f"{path}: not a Perfusion concept (metadata format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise ConceptError(f"{path}: concept format version {meta.get('version')!r}, this code reads {VERSION}")
+    missing = [k for k in ("embedding", "i_star", "i_super", "o_star_v.0") if k not in tensors]
+    if missing:
+        raise ConceptError(f"{path}: missing tensors {', '.join(missing)}")
+    layers = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("o_star_v."))
+    if layers != list(range(len(layers))):
+        raise ConceptError(f"{path}: o_star_v layers are not numbered 0..{len(layers) - 1}")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ConceptError(f"{path}: NaN/inf values in {', '.join(bad[:3])}")
+    try:
+        return Concept(
+            embedding=tensors["embedding"], i_star=tensors["i_star"], i_super=tensors["i_super"],
+            o_star_v=[tensors[f"o_star_v.{i}"] for i in layers],
+            placeholder=meta["placeholder"], superclass=meta["superclass"],
+            train_beta=float(meta["train_beta"]), train_tau=float(meta["train_tau"]),
+            fingerprints=json.loads(meta.get("fingerprints", "{}")), extra=json.loads(meta.get("extra", "{}")),
+        )
+    except (KeyError, ValueError) as err:
+        raise ConceptError(f"{path}: bad concept metadata ({err})")

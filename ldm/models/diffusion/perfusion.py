@@ -1,0 +1,325 @@
+"""PerfusionLatentDiffusion: trains one concept by key-locked, gated rank-1 editing.
+
+What is learned (Tewel et al. 2023, Sec. 4): the placeholder's word embedding and one value
+output o*_V per cross-attention layer. Keys are locked to the superclass: o*_K = W_K i_super.
+The target inputs i* and i_super are exponential moving averages of the text encodings at
+the concept's position. Everything else is frozen.
+
+Gradient path (a choice the public implementations differ on): i* is a buffer, so no
+gradient flows through it; the embedding learns through the prompt encodings e that the
+edited projections receive, including the gate sim(e).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.concepts import Concept, ConceptError, save_concept
+from ldm.covariance import load_covariance
+from ldm.data.templates import fill
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.perfusion import ConceptBank, patch_cross_attention
+from ldm.util import fingerprint_tensors
+
+
+class PerfusionLatentDiffusion(LatentDiffusion):
+    def __init__(
+        self,
+        *args,
+        placeholder: str = "*",
+        superclass: str = "teddy",
+        covariance_path: str | None = None,
+        covariance_captions: str = "data/captions.txt",
+        covariance_max_captions: int = 2000,
+        beta: float = 0.75,
+        tau: float = 0.1,
+        lr_o_v: float = 0.03,
+        lr_embedding: float = 0.006,
+        ema_decay: float = 0.99,
+        validation_prompts: Sequence[str] = ("a photo of a {}", "a {} on the beach"),
+        log_sample_steps: int = 20,
+        log_guidance_scale: float = 6.0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        tokenizer = self.cond_stage_model.tokenizer
+        self.placeholder, self.superclass = placeholder, superclass
+        self.placeholder_id = single_token_id(tokenizer, placeholder)
+        self.superclass_ids = superclass_token_ids(tokenizer, superclass)
+        if self.placeholder_id in self.superclass_ids:
+            raise ValueError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
+        self.covariance_path, self.covariance_captions = covariance_path, covariance_captions
+        self.covariance_max_captions = covariance_max_captions
+        self.beta, self.tau = beta, tau
+        self.lr_o_v, self.lr_embedding = lr_o_v, lr_embedding
+        self.ema_decay = ema_decay
+        self.validation_prompts = [fill(p, placeholder) for p in validation_prompts]
+        self.log_sample_steps, self.log_guidance_scale = log_sample_steps, log_guidance_scale
+
+        self.model.requires_grad_(False)   # Perfusion trains only the embedding and o*_V
+        # The embedding starts at the superclass word's (first batch, after the base weights are loaded).
+        self.embedding = nn.Parameter(torch.zeros(self.cond_stage_model.token_embedding.weight.shape[1]))
+        pairs = patch_cross_attention(self.model.diffusion_model)
+        self.o_star_v = nn.ParameterList([nn.Parameter(torch.zeros(v.out_features)) for _, v in pairs])
+        d_ctx = pairs[0][0].in_features
+        self.register_buffer("i_star", torch.zeros(d_ctx))
+        self.register_buffer("i_super", torch.zeros(d_ctx))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.bank = ConceptBank(pairs, C_inv=None)
+        self.covariance_fingerprint: str | None = None
+        self.placeholder_rows: dict[int, torch.Tensor] = {}   # token id -> embedding used at that id
+        self.superclass_words: dict[str, str] = {placeholder: superclass}  # for global key-locking
+
+    # ----------------------------------------------------------------- bookkeeping
+    def non_base_keys(self) -> list[str]:
+        """Keys a base SD checkpoint does not carry (checkpoint loading must not report them)."""
+        return [k for k in self.state_dict() if k in ("embedding", "i_star", "i_super", "initialized")
+                or k.startswith("o_star_v.")]
+
+    def fingerprints(self) -> dict[str, str]:
+        unet = {k: v for k, v in self.model.diffusion_model.state_dict().items()}
+        return {
+            "unet": fingerprint_tensors(unet),
+            "text_encoder": self.cond_stage_model.fingerprint(),
+            "covariance": self.covariance_fingerprint or "",
+        }
+
+    # ----------------------------------------------------------------- covariance
+    def ensure_covariance(self):
+        """Load C^-1 (checking it belongs to this text encoder), or estimate it if no file is configured."""
+        if self.bank.C_inv is not None:
+            return
+        from ldm.covariance import estimate_covariance, invert
+
+        encoder_fp = self.cond_stage_model.fingerprint()
+        if self.covariance_path:
+            C, C_inv, meta = load_covariance(self.covariance_path)
+            made_for = meta.get("text_encoder_fingerprint")
+            if made_for != encoder_fp:
+                raise ValueError(f"covariance file {self.covariance_path} was made for text encoder {made_for}, "
+                                 f"but this model's text encoder is {encoder_fp}; "
+                                 "run data/estimate_covariance.py with this config and checkpoint")
+        else:
+            C = estimate_covariance(self.cond_stage_model, self.covariance_captions, self.covariance_max_captions)
+            C_inv = invert(C)
+        self.covariance_fingerprint = fingerprint_tensors({"C": C})
+        self.bank.C_inv = C_inv.to(self.device, torch.float32)
+
+    # ----------------------------------------------------------------- conditioning
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text encodings with the placeholder rows replaced by learned embeddings.
+
+        With global key-locking active, returns [concept prompt ; superclass prompt] along the token axis.
+        """
+        encoder = self.cond_stage_model
+        if not self.placeholder_rows:
+            return super().get_learned_conditioning(prompts)
+        tokens = encoder.tokenize(list(prompts))
+        encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, self.placeholder_rows))
+        if self.bank.global_locking:
+            supers = [self.superclass_prompt(p) for p in prompts]
+            encodings = torch.cat([encodings, encoder.encode(supers)], dim=1)
+        return encodings
+
+    def embed_tokens(self, tokens: torch.Tensor, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings (B, T, width) with each placeholder id's row replaced by its learned vector."""
+        embeds = self.cond_stage_model.token_embedding(tokens)
+        for token_id, row in rows.items():
+            embeds = torch.where((tokens == token_id)[..., None], row.to(embeds.dtype), embeds)
+        return embeds
+
+    def superclass_prompt(self, prompt: str) -> str:
+        """The prompt with each concept's placeholder replaced by its superclass word (global key-locking)."""
+        for placeholder, word in self.superclass_words.items():
+            prompt = prompt.replace(placeholder, word)
+        return prompt
+
+    # ----------------------------------------------------------------- training
+    def on_fit_start(self):
+        self.ensure_covariance()
+        self._fingerprints = self.fingerprints()
+
+    def _concept_positions(self, tokens: torch.Tensor, ids: Sequence[int], what: str, prompts) -> torch.Tensor:
+        """Index per row of the LAST token of `ids` (the superclass's last sub-token sees the whole word)."""
+        n = len(ids)
+        windows = tokens.unfold(1, n, 1)                                    # (B, T - n + 1, n)
+        hit = (windows == torch.tensor(ids, device=tokens.device)).all(-1)
+        missing = [p for p, h in zip(prompts, hit.any(1).tolist()) if not h]
+        if missing:
+            raise ValueError(f"{what} {self.tokenizer_text(ids)!r} not found in prompt {missing[0]!r} "
+                             "(every training template must contain '{}')")
+        return hit.int().argmax(1) + n - 1
+
+    def tokenizer_text(self, ids):
+        return self.cond_stage_model.tokenizer.decode(list(ids))
+
+    @staticmethod
+    def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x = x / dist.get_world_size()
+        return x
+
+    @torch.no_grad()
+    def update_targets(self, tokens: torch.Tensor, captions, captions_super):
+        """EMA of i* and i_super from this batch (averaged over all ranks); the first batch initialises
+        them, the embedding (superclass word's) and o*_V = W_V i_super, identically on every rank."""
+        encoder = self.cond_stage_model
+        first = not bool(self.initialized)
+        if first:
+            self.embedding.copy_(encoder.token_embedding.weight[self.superclass_ids].float().mean(0))
+        encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
+        rows = torch.arange(len(captions), device=encodings.device)
+        pos = self._concept_positions(tokens, [self.placeholder_id], "placeholder", captions)
+        e_star = self._mean_over_ranks(encodings[rows, pos].float().mean(0))
+        super_tokens = encoder.tokenize(list(captions_super))
+        super_enc = encoder.encode_embeddings(super_tokens, encoder.token_embedding(super_tokens))
+        pos_super = self._concept_positions(super_tokens, self.superclass_ids, "superclass", captions_super)
+        e_super = self._mean_over_ranks(super_enc[rows, pos_super].float().mean(0))
+        if first:
+            self.i_star.copy_(e_star)
+            self.i_super.copy_(e_super)
+            for o_v, layer in zip(self.o_star_v, self.bank.values):
+                o_v.copy_(layer.weight.float() @ e_super)        # o*_V starts at W_V i_super
+            self.initialized.fill_(True)
+        else:
+            d = self.ema_decay
+            self.i_star.mul_(d).add_((1 - d) * e_star)
+            self.i_super.mul_(d).add_((1 - d) * e_super)
+
+    def activate_training_concept(self, beta=None, tau=None):
+        self.bank.set(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
+                      self.beta if beta is None else beta, self.tau if tau is None else tau)
+
+    def shared_step(self, batch):
+        self.ensure_covariance()
+        captions = list(batch[self.cond_stage_key])
+        encoder = self.cond_stage_model
+        tokens = encoder.tokenize(captions)
+        self.update_targets(tokens, captions, batch["caption_super"])
+        cond = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
+        self.activate_training_concept()
+        z = self.encode_first_stage(batch[self.first_stage_key])
+        weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
+        loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
+                                     "concept is updated (try a lower learning rate or fp32 precision)")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([
+            {"params": list(self.o_star_v.parameters()), "lr": self.lr_o_v, "name": "o_star_v"},
+            {"params": [self.embedding], "lr": self.lr_embedding, "name": "embedding"},
+        ], weight_decay=0.0)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_train_end(self):
+        self._assert_ranks_agree()
+
+    def _assert_ranks_agree(self):
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        state = torch.cat([self.embedding.detach(), self.i_star, self.i_super] +
+                          [v.detach() for v in self.o_star_v]).float()
+        gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, state)
+        if not all(torch.equal(gathered[0], g) for g in gathered):
+            raise RuntimeError("Perfusion concept differs between DDP ranks; this is a bug")
+
+    # ----------------------------------------------------------------- concept files
+    def concept(self) -> Concept:
+        if not bool(self.initialized):
+            raise ConceptError("the concept is not initialised yet (no training batch seen)")
+        return Concept(
+            embedding=self.embedding, i_star=self.i_star, i_super=self.i_super, o_star_v=list(self.o_star_v),
+            placeholder=self.placeholder, superclass=self.superclass, train_beta=self.beta, train_tau=self.tau,
+            fingerprints=getattr(self, "_fingerprints", None) or self.fingerprints(),
+        )
+
+    def save_concept(self, path: str | Path) -> Path:
+        return save_concept(path, self.concept())
+
+    # ----------------------------------------------------------------- logging
+    @torch.no_grad()
+    def log_images(self, batch, max_images: int = 4) -> dict[str, torch.Tensor]:
+        from ldm.sample import generate
+
+        images = (batch[self.first_stage_key][:max_images].float() + 1) / 2
+        out = {"inputs": images}
+        if batch.get("mask") is not None:
+            mask = batch["mask"][:max_images].float()
+            out["inputs_masked"] = images * (0.25 + 0.75 * mask)
+        if not bool(self.initialized):
+            return out
+        self.ensure_covariance()
+        self.activate_training_concept()
+        rows = {self.placeholder_id: self.embedding}
+        self.placeholder_rows = rows
+        try:
+            side = self.image_size * self.first_stage_model.downsample_factor
+            out["samples"] = generate(self, self.validation_prompts, steps=self.log_sample_steps,
+                                      scale=self.log_guidance_scale, height=side, width=side, seed=0)
+            out["concept_attention"] = self.attention_picture(self.validation_prompts[0], side)
+        finally:
+            self.placeholder_rows = {}
+        return out
+
+    @torch.no_grad()
+    def attention_picture(self, prompt: str, side: int, t: int = 500) -> torch.Tensor:
+        """Where the placeholder token attends: cross-attention probabilities at its position,
+        averaged over heads and layers (upsampled to the image), for one noisy latent at timestep t."""
+        from ldm.modules.attention import cross_attention_layers
+
+        tokens = self.cond_stage_model.tokenize([prompt])
+        pos = int(self._concept_positions(tokens, [self.placeholder_id], "placeholder", [prompt])[0])
+        maps = []
+
+        def hook(module, probs):
+            n = probs.shape[2]
+            h = w = int(round(n ** 0.5))
+            m = probs[0, :, :, pos].mean(0).reshape(1, 1, h, w)
+            maps.append(F.interpolate(m.float(), size=(side, side), mode="bilinear", align_corners=False))
+
+        layers = [attn for _, attn in cross_attention_layers(self.model.diffusion_model)]
+        for attn in layers:
+            attn.attention_probs_hook = hook
+        try:
+            cond = self.get_learned_conditioning([prompt])
+            g = torch.Generator(device=self.device.type).manual_seed(0)
+            z = torch.randn(1, self.channels, self.image_size, self.image_size, generator=g, device=self.device)
+            self.apply_model(z, torch.tensor([t], device=self.device), cond)
+        finally:
+            for attn in layers:
+                attn.attention_probs_hook = None
+        heat = torch.stack(maps).mean(0)
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
+        return torch.cat([heat, heat ** 2, 1 - heat], dim=1).cpu()   # warm = attended
+
+
+def single_token_id(tokenizer, placeholder: str) -> int:
+    ids = tokenizer.encode(placeholder)
+    if len(ids) != 1:
+        raise ValueError(f"placeholder {placeholder!r} is {len(ids)} CLIP tokens; it must be exactly one "
+                         "(for example '*' or 'sks')")
+    return ids[0]
+
+
+def superclass_token_ids(tokenizer, word: str) -> list[int]:
+    """Token ids of the superclass; every token must be a whole word the vocabulary knows."""
+    ids = tokenizer.encode(word)
+    if not ids:
+        raise ValueError(f"superclass {word!r} is empty")
+    pieces = [tokenizer.decode_token(i) for i in ids]
+    if not all(p.endswith("</w>") for p in pieces):
+        raise ValueError(f"superclass {word!r} is not a known word: CLIP splits it into pieces "
+                         f"{[p.replace('</w>', '') for p in pieces]}; use a common noun such as 'teddy' or 'cat'")
+    return ids

@@ -1,0 +1,163 @@
+"""Measurements quoted in the README; rerun them on your machine.
+
+    python scripts/benchmark.py concept-size --config configs/perfusion_teddy.yaml --out /tmp/concept.safetensors
+    python scripts/benchmark.py train-step   --config configs/tiny/perfusion-tiny.yaml
+    python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml
+
+Timings are ratios of two variants measured alternately in one process (these machines are
+noisy); each figure is the median over --repeats rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ldm.build import build_model, load_config  # noqa: E402
+from ldm.cli import run_cli  # noqa: E402
+from ldm.data.templates import TEMPLATES, fill  # noqa: E402
+from ldm.util import count_params, instantiate_from_config  # noqa: E402
+
+
+def _prompts(model, n):
+    templates = [TEMPLATES[i % len(TEMPLATES)] for i in range(n)]
+    return [fill(t, model.placeholder) for t in templates], [fill(t, model.superclass) for t in templates]
+
+
+def concept_size(args) -> int:
+    """Build the config's model with random weights, initialise a concept from one batch, save it."""
+    config = load_config([args.config], args.overrides)
+    config.model.params.covariance_path = None
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = instantiate_from_config(config.model).eval()
+    built = time.perf_counter() - t0
+    captions, supers = _prompts(model, 4)
+    with torch.no_grad():
+        model.update_targets(model.cond_stage_model.tokenize(captions), captions, supers)
+    path = model.save_concept(args.out)
+    trainable = count_params(model, trainable_only=True)
+    size = path.stat().st_size
+    print(f"model: {args.config} (random weights, built in {built:.1f} s); "
+          f"cross-attention layers: {len(model.o_star_v)}")
+    print(f"trainable parameters: {trainable} (embedding {model.embedding.numel()}, "
+          f"o*_V {sum(p.numel() for p in model.o_star_v)})")
+    print(f"concept file: {path} {size} bytes ({size / 1024:.1f} KiB)")
+    return 0
+
+
+def _time(fn, warmup: int, repeats: int):
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _batch(model, n, side):
+    g = torch.Generator().manual_seed(0)
+    captions, supers = _prompts(model, n)
+    return {
+        "image": torch.rand(n, 3, side, side, generator=g) * 2 - 1,
+        "mask": torch.rand(n, 1, side, side, generator=g),
+        "caption": captions,
+        "caption_super": supers,
+    }
+
+
+def train_step(args) -> int:
+    """Perfusion step vs (a) plain LatentDiffusion fine-tuning and (b) the same step with the edit off."""
+    config = load_config([args.config], args.overrides)
+    perfusion = build_model(config, seed=0).train()
+    base_config = config.copy()
+    base_config.model.target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    base_config.model.params = {k: v for k, v in config.model.params.items()
+                                if k in ("unet_config", "first_stage_config", "cond_stage_config", "timesteps",
+                                         "linear_start", "linear_end", "parameterization", "scale_factor",
+                                         "image_size", "channels")}
+    plain = build_model(base_config, seed=0).train()
+    side = perfusion.image_size * perfusion.first_stage_model.downsample_factor
+    batch = _batch(perfusion, args.batch_size, side)
+    perfusion.ensure_covariance()
+    opt_p = perfusion.configure_optimizers()
+    opt_b = plain.configure_optimizers()
+
+    def step(model, opt):
+        def run():
+            torch.manual_seed(0)
+            loss = model.shared_step(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    edit_off = _EditOff(perfusion)
+    times = {"perfusion": [], "plain": [], "edit_off": []}
+    for _ in range(args.repeats):
+        times["perfusion"].append(_time(step(perfusion, opt_p), 1, 1))
+        times["plain"].append(_time(step(plain, opt_b), 1, 1))
+        with edit_off:
+            times["edit_off"].append(_time(step(perfusion, opt_p), 1, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"config: {args.config}, batch {args.batch_size}, {args.repeats} rounds, device cpu")
+    print(f"perfusion step: {med['perfusion'] * 1e3:.1f} ms; plain LatentDiffusion step: {med['plain'] * 1e3:.1f} ms; "
+          f"perfusion with the rank-1 edit switched off: {med['edit_off'] * 1e3:.1f} ms")
+    print(f"ratio perfusion / plain LatentDiffusion = {med['perfusion'] / med['plain']:.3f}")
+    print(f"ratio perfusion / edit switched off    = {med['perfusion'] / med['edit_off']:.3f}")
+    print(f"peak memory: {_peak_memory()}")
+    return 0
+
+
+class _EditOff:
+    """Within the block, the cross-attention projections run unedited (bank inactive)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = self.model.activate_training_concept
+        self.model.activate_training_concept = self.model.bank.clear
+        self.model.bank.clear()
+
+    def __exit__(self, *exc):
+        self.model.activate_training_concept = self.saved
+
+
+def _peak_memory() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA, all variants)"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS, all variants)"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("concept-size", help="size of a concept file for a model config")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=concept_size)
+    s = sub.add_parser("train-step", help="time of a Perfusion training step relative to plain fine-tuning")
+    s.add_argument("--config", required=True)
+    s.add_argument("--batch_size", type=int, default=4)
+    s.add_argument("--repeats", type=int, default=7)
+    s.set_defaults(func=train_step)
+    for s in sub.choices.values():
+        s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,133 @@
+"""gated_rank1_edit (Eq. 3, Appendix B) against direct computations, and the patched projections."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.modules.perfusion import ConceptBank, Rank1EditLinear, gated_rank1_edit, patch_cross_attention
+
+D_IN, D_OUT = 12, 7
+
+
+def _spd(seed: int, d: int = D_IN) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * d) + 0.05 * torch.eye(d, dtype=torch.float64)
+
+
+def _setup(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    C_inv = torch.linalg.inv(_spd(seed + 1))
+    W = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    I = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    O = torch.randn(n, D_OUT, generator=g, dtype=torch.float64)
+    e = torch.randn(2, 5, D_IN, generator=g, dtype=torch.float64)
+    return e, W, I, O, C_inv
+
+
+def _sigmoid(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def test_orthogonal_input_gives_base_output_plus_gate_leak():
+    e, W, I, O, C_inv = _setup(1)
+    i = I[0]
+    sim = (e @ C_inv @ i) / (i @ C_inv @ i)
+    e_orth = e - sim[..., None] * i                          # C^-1-orthogonal to i*
+    beta, tau = 0.7, 0.1
+    out = gated_rank1_edit(e_orth, W, I, O, C_inv, beta, tau)
+    expected = e_orth @ W.T + _sigmoid(torch.tensor(-beta / tau, dtype=torch.float64)) * O[0]
+    assert torch.allclose(out, expected, atol=1e-10)
+
+
+def test_target_input_gives_gated_target_output():
+    _, W, I, O, C_inv = _setup(1)
+    beta, tau = 0.6, 0.15
+    out = gated_rank1_edit(I[None, None], W, I, O, C_inv, beta, tau)
+    expected = _sigmoid(torch.tensor((1 - beta) / tau, dtype=torch.float64)) * O[0]
+    assert torch.allclose(out[0, 0], expected, atol=1e-10)
+
+
+def test_eq3_on_random_inputs_and_scale_of_C_cancels():
+    e, W, I, O, C_inv = _setup(1, seed=3)
+    i, o = I[0], O[0]
+    sim = (e @ C_inv @ i) / (i @ C_inv @ i)
+    expected = (e - sim[..., None] * i) @ W.T + _sigmoid((sim - 0.75) / 0.1)[..., None] * o
+    assert torch.allclose(gated_rank1_edit(e, W, I, O, C_inv, 0.75, 0.1), expected, atol=1e-10)
+    assert torch.allclose(gated_rank1_edit(e, W, I, O, 1e3 * C_inv, 0.75, 0.1), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_exact_multi_concept_is_appendix_b(n):
+    e, W, I, O, C_inv = _setup(n, seed=5)
+    betas, taus = torch.linspace(0.5, 0.8, n, dtype=torch.float64), torch.linspace(0.1, 0.2, n, dtype=torch.float64)
+    # Direct: remove the C^-1-orthogonal projection of e onto span{i*_n}: P = I^T (I C^-1 I^T)^-1 I C^-1.
+    It = I.T
+    P = It @ torch.linalg.inv(I @ C_inv @ It) @ I @ C_inv
+    e_perp = e - e @ P.T
+    sims = (e @ C_inv @ It) / torch.einsum("nd,de,ne->n", I, C_inv, I)
+    expected = e_perp @ W.T + _sigmoid((sims - betas) / taus) @ O
+    out = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True)
+    assert torch.allclose(out, expected, atol=1e-9)
+    # e_perp is C^-1-orthogonal to every i*_n.
+    assert torch.allclose(e_perp @ C_inv @ It, torch.zeros(2, 5, n, dtype=torch.float64), atol=1e-9)
+
+
+def test_approximate_multi_concept():
+    e, W, I, O, C_inv = _setup(2, seed=7)
+    sims = (e @ C_inv @ I.T) / torch.einsum("nd,de,ne->n", I, C_inv, I)
+    expected = e @ W.T - sims @ (I @ W.T) + _sigmoid((sims - 0.7) / 0.15) @ O
+    assert torch.allclose(gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.15, exact=False), expected, atol=1e-10)
+    # With C^-1-orthogonal targets the approximation is exact.
+    I2 = I.clone()
+    I2[1] = I[1] - (I[1] @ C_inv @ I[0]) / (I[0] @ C_inv @ I[0]) * I[0]
+    exact = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, exact=True)
+    approx = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, exact=False)
+    assert torch.allclose(exact, approx, atol=1e-9)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    e, W, I, O, C_inv = _setup(2, seed=9)
+    ref = gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.1)
+    out = gated_rank1_edit(e.half(), W.half(), I.float(), O.float(), C_inv.float(), 0.7, 0.1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=5e-2, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = gated_rank1_edit(e.float(), W.float(), I.float(), O.float(), C_inv.float(), 0.7, 0.1)
+    assert auto.dtype == torch.float32 and torch.allclose(auto.double(), ref, atol=1e-4)
+
+
+def test_bad_beta_tau():
+    e, W, I, O, C_inv = _setup(2)
+    with pytest.raises(ValueError, match="beta needs 1 or 2 values"):
+        gated_rank1_edit(e, W, I, O, C_inv, [0.5, 0.6, 0.7], 0.1)
+    with pytest.raises(ValueError, match="tau must be positive"):
+        gated_rank1_edit(e, W, I, O, C_inv, 0.5, [0.1, 0.0])
+    with pytest.raises(ValueError, match="same concepts"):
+        gated_rank1_edit(e, W, I, O[:1], C_inv, 0.5, 0.1)
+
+
+def test_unpatched_and_inactive_projection_is_bit_identical():
+    base = nn.Linear(D_IN, D_OUT, bias=False)
+    layer = Rank1EditLinear(base, "value", 0)
+    assert layer.weight is base.weight
+    x = torch.randn(3, 77, D_IN)
+    assert torch.equal(layer(x), base(x))
+    bank = ConceptBank([(Rank1EditLinear(nn.Linear(D_IN, D_OUT, bias=False), "key", 0), layer)], C_inv=torch.eye(D_IN))
+    assert not bank.active and torch.equal(layer(x), base(x))
+
+
+def test_patching_keeps_parameter_names(tiny_v1):
+    import copy
+
+    unet = copy.deepcopy(tiny_v1.model.diffusion_model)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    pairs = patch_cross_attention(unet)
+    assert len(pairs) == 7
+    after = unet.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    c = torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert torch.equal(unet(x, timesteps=t, context=c), tiny_v1.model.diffusion_model(x, timesteps=t, context=c))

@@ -1,0 +1,177 @@
+"""PerfusionLatentDiffusion: what trains, key-locking, initialisation, concept files, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ldm.build import load_config
+from ldm.concepts import ConceptError, load_concept
+from ldm.util import instantiate_from_config
+from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_perfusion_model()
+
+
+def _train_steps(model, n=2, seed=0):
+    model.train()
+    opt = model.configure_optimizers()
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        loss = model.shared_step(perfusion_batch(model, seed=seed + i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss
+
+
+def test_exactly_embedding_and_value_outputs_train(model):
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"embedding"} | {f"o_star_v.{i}" for i in range(7)}
+
+
+@pytest.mark.parametrize("config,layers", [("perfusion_teddy.yaml", 16), ("perfusion_teddy_sd_v2.yaml", 16)])
+def test_full_size_trainable_set(config, layers):
+    cfg = load_config([ROOT / "configs" / config])
+    with torch.device("meta"):
+        m = instantiate_from_config(cfg.model)
+    trainable = {n: tuple(p.shape) for n, p in m.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"embedding"} | {f"o_star_v.{i}" for i in range(layers)}
+    assert trainable["embedding"] == ((768,) if "v2" not in config else (1024,))
+
+
+def test_training_changes_the_concept_and_nothing_else():
+    m = tiny_perfusion_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _train_steps(m, n=2)
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    concept = {"embedding", "i_star", "i_super", "initialized"} | {f"o_star_v.{i}" for i in range(7)}
+    assert changed == concept
+
+
+def test_first_batch_initialises_targets(model):
+    m = tiny_perfusion_model()
+    batch = perfusion_batch(m)
+    tokens = m.cond_stage_model.tokenize(batch["caption"])
+    with torch.no_grad():
+        m.update_targets(tokens, batch["caption"], batch["caption_super"])
+    enc = m.cond_stage_model
+    assert torch.equal(m.embedding.detach(), enc.token_embedding.weight[m.superclass_ids].mean(0))
+    # i_super: encoding at the superclass word's position in the superclass prompts, batch mean
+    sup = enc.encode(batch["caption_super"])
+    pos = [enc.tokenize([c])[0].tolist().index(m.superclass_ids[-1]) for c in batch["caption_super"]]
+    expected = torch.stack([sup[i, p] for i, p in enumerate(pos)]).mean(0)
+    assert torch.allclose(m.i_super, expected, atol=1e-6)
+    for o_v, layer in zip(m.o_star_v, m.bank.values):
+        assert torch.allclose(o_v, layer.weight @ m.i_super, atol=1e-6)
+    # With the initial embedding equal to the superclass's, i* equals i_super for a one-token superclass.
+    assert torch.allclose(m.i_star, m.i_super, atol=1e-5)
+
+
+def test_key_locking_and_gate_at_the_target_input(model):
+    m = tiny_perfusion_model()
+    _train_steps(m, n=1)
+    m.activate_training_concept(beta=0.6, tau=0.15)
+    key, value = m.bank.keys[3], m.bank.values[3]
+    with torch.no_grad():
+        gate = 1 / (1 + math.exp(-(1 - 0.6) / 0.15))
+        k = key(m.i_star[None, None])
+        v = value(m.i_star[None, None])
+    assert torch.allclose(k[0, 0], gate * (key.weight @ m.i_super), atol=1e-5)
+    assert torch.allclose(v[0, 0], gate * m.o_star_v[3], atol=1e-5)
+
+
+def test_gradients_reach_the_embedding_but_not_i_star(model):
+    m = tiny_perfusion_model()
+    m.train()
+    loss = m.shared_step(perfusion_batch(m))
+    loss.backward()
+    assert m.embedding.grad is not None and m.embedding.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.o_star_v)
+    assert not m.i_star.requires_grad and m.i_star.grad is None
+    assert all(p.grad is None for n, p in m.named_parameters() if not p.requires_grad)
+
+
+def test_no_concept_is_bit_identical_to_base(model, tiny_v1):
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 600])
+    c = tiny_v1.get_learned_conditioning(["a photo of a cat", "a dog"])
+    model.bank.clear()
+    with torch.no_grad():
+        assert torch.equal(model.apply_model(x, t, c), tiny_v1.apply_model(x, t, c))
+        assert torch.equal(model.get_learned_conditioning(["a photo of a *"]),
+                           tiny_v1.get_learned_conditioning(["a photo of a *"]))
+
+
+def test_multi_token_superclass():
+    m = tiny_perfusion_model("model.params.superclass=teddy bear")
+    assert len(m.superclass_ids) == 2
+    batch = perfusion_batch(m)
+    tokens = m.cond_stage_model.tokenize(batch["caption"])
+    with torch.no_grad():
+        m.update_targets(tokens, batch["caption"], batch["caption_super"])
+    enc = m.cond_stage_model
+    sup = enc.encode(batch["caption_super"])
+    bear = m.superclass_ids[-1]
+    pos = [enc.tokenize([c])[0].tolist().index(bear) for c in batch["caption_super"]]
+    assert torch.allclose(m.i_super, torch.stack([sup[i, p] for i, p in enumerate(pos)]).mean(0), atol=1e-6)
+
+
+def test_concept_file_round_trip_and_size(model, tmp_path):
+    m = tiny_perfusion_model()
+    _train_steps(m, n=1)
+    path = m.save_concept(tmp_path / "c.safetensors")
+    concept = load_concept(path)
+    assert torch.equal(concept.embedding, m.embedding.detach())
+    assert len(concept.o_star_v) == 7
+    assert concept.placeholder == "*" and concept.superclass == "cat"
+    assert set(concept.fingerprints) == {"unet", "text_encoder", "covariance"} and all(concept.fingerprints.values())
+    floats = 64 * 3 + sum(p.numel() for p in m.o_star_v)
+    assert floats * 4 < path.stat().st_size < floats * 4 + 2048
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.params.placeholder=sksdog", "must be exactly one"),
+    ("model.params.superclass=zxqv", "not a known word"),
+    ("model.params.superclass=''", "is empty"),
+])
+def test_bad_placeholder_or_superclass(override, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_perfusion_model(override)
+
+
+def test_template_without_placeholder(model):
+    m = tiny_perfusion_model()
+    batch = perfusion_batch(m)
+    batch["caption"][1] = "a photo of a cat"
+    with pytest.raises(ValueError, match="not found in prompt 'a photo of a cat'"):
+        m.shared_step(batch)
+
+
+def test_covariance_of_another_text_encoder_is_refused(tmp_path):
+    from ldm.covariance import save_covariance
+
+    path = tmp_path / "cov.safetensors"
+    save_covariance(path, torch.eye(64, dtype=torch.float64), {"text_encoder_fingerprint": "0123456789abcdef"})
+    m = tiny_perfusion_model(f"model.params.covariance_path={path}")
+    with pytest.raises(ValueError, match="was made for text encoder 0123456789abcdef"):
+        m.ensure_covariance()
+
+
+def test_nan_loss_stops_and_never_reaches_a_concept_file(tmp_path):
+    m = tiny_perfusion_model()
+    _train_steps(m, n=1)
+    good = m.save_concept(tmp_path / "last.safetensors").read_bytes()
+    with torch.no_grad():
+        m.o_star_v[0].fill_(float("nan"))
+    m.train()
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        m.shared_step(perfusion_batch(m))
+    with pytest.raises(ConceptError, match="NaN"):
+        m.save_concept(tmp_path / "last.safetensors")
+    assert (tmp_path / "last.safetensors").read_bytes() == good
