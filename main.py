@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 from ldm.build import ConfigError
 
@@ -180,8 +181,12 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
 
 
 # ----------------------------------------------------------------------------- main
-def run(argv: list[str] | None = None):
-    """Parse `argv`, set up and (with -t) train; returns the Lightning Trainer, or None without -t."""
+def run(argv: list[str] | None = None, extra_callbacks: Sequence = ()):
+    """Parse `argv`, set up and (with -t) train; returns the Lightning Trainer, or None without -t.
+
+    `extra_callbacks` (Lightning callbacks) run after main.py's own; for programs that call `run`,
+    such as the tests. They reach only this process, not the DDP processes Lightning starts.
+    """
     args = parse_args(argv)
 
     import lightning.pytorch as pl
@@ -239,7 +244,8 @@ def run(argv: list[str] | None = None):
     if run_dir is None:
         inherited = os.environ.get(RUN_DIR_ENV) if rank_zero_only.rank > 0 else None
         run_dir = Path(inherited) if inherited else new_run_dir(args.logdir, name, time.strftime("%Y-%m-%dT%H-%M-%S"))
-    callbacks, checkpoint_io = make_callbacks(config, run_dir, seed), FrozenWeightsCheckpointIO(model)
+    callbacks = make_callbacks(config, run_dir, seed) + list(extra_callbacks)
+    checkpoint_io = FrozenWeightsCheckpointIO(model)
     try:
         trainer = pl.Trainer(
             **settings,

@@ -7,6 +7,7 @@ accumulation does not change when things happen.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,12 +209,28 @@ class SeedPerRank(Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The training bar counts optimizer steps up to `max_steps` (from the resumed step, if any)."""
+    """The training bar counts optimizer steps up to `max_steps` (from the resumed step, if any).
+
+    On a terminal it is redrawn every `refresh_rate` steps (Lightning's meaning; `TQDM_MINITERS`
+    raises it). When stdout is not a terminal (CI logs, files), where every redraw becomes a line,
+    it is redrawn at most every `log_interval_s` seconds, and at the last step.
+    """
 
     BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
+    def __init__(self, refresh_rate: int = 1, log_interval_s: float = 10.0):
+        super().__init__(refresh_rate=refresh_rate)
+        if log_interval_s < 0:
+            raise ValueError(f"log_interval_s must be 0 or more seconds, got {log_interval_s}")
+        self.log_interval_s = log_interval_s
+        self._interactive = True
+        self._last_redraw = 0.0
+
     def init_train_tqdm(self) -> Tqdm:
         trainer = self.trainer
+        isatty = getattr(sys.stdout, "isatty", None)
+        self._interactive = bool(isatty and isatty())
+        self._last_redraw = time.monotonic()  # tqdm draws the bar when it is made
         return Tqdm(desc="train", total=trainer.max_steps if trainer.max_steps > 0 else None,
                     initial=trainer.global_step, unit="step", position=2 * self.process_position,
                     disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
@@ -228,12 +245,21 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        bar = self._train_progress_bar
-        if bar is None or bar.disable or bar.n == trainer.global_step:
+        bar, step = self._train_progress_bar, trainer.global_step
+        if bar is None or bar.disable or bar.n == step or not self._should_update(step, bar.total):
             return
-        if self._should_update(trainer.global_step, bar.total):
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+        if self._interactive or step == bar.total or time.monotonic() - self._last_redraw >= self.log_interval_s:
+            self._redraw(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bar = self._train_progress_bar
+        if bar is not None and not bar.disable and bar.n != trainer.global_step:  # usually drawn already
+            self._redraw(trainer, pl_module)
+
+    def _redraw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_redraw = time.monotonic()
+        self._train_progress_bar.n = trainer.global_step
+        self._train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)

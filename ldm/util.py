@@ -67,7 +67,7 @@ def fingerprint_tensors(tensors, samples_per_tensor: int = 4096) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         flat = t.reshape(-1)
         if flat.numel() > samples_per_tensor:
-            idx = torch.linspace(0, flat.numel() - 1, samples_per_tensor, device=flat.device).long()
+            idx = torch.arange(samples_per_tensor, device=flat.device) * (flat.numel() - 1) // (samples_per_tensor - 1)
             flat = flat[idx]
         h.update(flat.to(device="cpu", dtype=torch.float64).numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,1 @@
+"""A procedurally generated toy world for running Perfusion end to end on a CPU."""

@@ -1,0 +1,366 @@
+"""A procedurally generated toy world: small images of one or two shapes, with captions from a grammar.
+
+    scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "blue", "right")), "black")
+    caption(scene)  # 'a red circle on the left and a blue square on the right, on a black background'
+    image, masks = render(scene)  # 32x32 RGB PIL image, one uint8 soft mask per object
+
+Grammar: 1 or 2 objects; SHAPES x COLOURS; one object at any of POSITIONS, two objects at
+left+right or top+bottom; a background from BACKGROUNDS. The (colour, shape) pairs in HELD_OUT
+never occur in the pretraining split, and the CONCEPTS (objects with a distinctive two-colour
+look) never occur in it at all. Everything is a pure function of the scene (sizes and offsets
+are fields of the scene), and scenes are drawn from `numpy.random.Generator`s, so a seed
+fixes every image bit for bit.
+
+A scene also serves as a *request* (what a prompt asks for): fields left as None (colour,
+position, background) are simply not mentioned in the caption and not judged by the scorer;
+such a scene cannot be rendered.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (245, 225, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 90, 235),
+    "purple": (150, 60, 210),
+    "white": (245, 245, 245),
+}
+# Object centres as fractions of the image side (x, y).
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "centre": (0.5, 0.5),
+}
+POSITION_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
+PAIRED_POSITIONS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
+BACKGROUNDS: tuple[str, ...] = ("black", "gray", "brown", "checkered")
+_PLAIN_BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "brown": (110, 75, 45)}
+_CHECKS = ((85, 85, 85), (45, 45, 45))  # light and dark cells of "checkered"
+_CHECK_CELL = 4 / 32  # cell side, fraction of the image side (4 px at 32x32)
+
+# (colour, shape) pairs that never occur in pretraining: one per shape, one per colour but white.
+HELD_OUT: frozenset[tuple[str, str]] = frozenset({
+    ("red", "cross"), ("orange", "circle"), ("yellow", "triangle"),
+    ("green", "star"), ("blue", "ring"), ("purple", "square"),
+})
+
+DEFAULT_SIZE = 0.375  # object diameter as a fraction of the image side (12 px at 32x32)
+SUPERSAMPLE = 4  # render at 4x and average 4x4 blocks: antialiased edges, deterministic
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A personal object with a fixed two-colour look; `shape` is its superclass word."""
+    name: str  # folder and look name
+    phrase: str  # what a caption calls it when no placeholder is given
+    shape: str
+    pattern: str  # "stripes" | "dots" | "halves"
+    colours: tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+# Every look is symmetric under a left-right flip, so flip augmentation keeps it intact.
+CONCEPTS: dict[str, Concept] = {c.name: c for c in (
+    # horizontal bands, 2 px each at 32x32, yellow and blue
+    Concept("striped_star", "striped star", "star", "stripes", (COLOURS["yellow"], COLOURS["blue"])),
+    # red square with a 3x3 grid of white dots
+    Concept("polka_dot_square", "polka-dot square", "square", "dots", (COLOURS["red"], COLOURS["white"])),
+    # orange upper half, blue lower half
+    Concept("two_tone_ring", "two-tone ring", "ring", "halves", (COLOURS["orange"], COLOURS["blue"])),
+)}
+LOOKS: tuple[str, ...] = ("plain",) + tuple(CONCEPTS)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object. `size` is its diameter and `offset` its shift from the position's centre,
+    both as fractions of the image side. A concept look fixes the shape and has no colour."""
+    shape: str
+    colour: str | None = None
+    position: str | None = None
+    look: str = "plain"
+    size: float = DEFAULT_SIZE
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {', '.join(SHAPES)}")
+        if self.colour is not None and self.colour not in COLOURS:
+            raise ValueError(f"unknown colour {self.colour!r}; expected one of {', '.join(COLOURS)}")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; expected one of {', '.join(POSITIONS)}")
+        if self.look not in LOOKS:
+            raise ValueError(f"unknown look {self.look!r}; expected one of {', '.join(LOOKS)}")
+        if self.look != "plain":
+            concept = CONCEPTS[self.look]
+            if self.shape != concept.shape:
+                raise ValueError(f"look {self.look!r} is a {concept.shape}, got shape {self.shape!r}")
+            if self.colour is not None:
+                raise ValueError(f"look {self.look!r} has its own colours; colour must be None, got {self.colour!r}")
+        if not 0.05 <= self.size <= 0.6:
+            raise ValueError(f"object size {self.size!r} is outside [0.05, 0.6] (fraction of the image side)")
+
+    @classmethod
+    def concept(cls, name: str, position: str | None = None, **geometry) -> "SceneObject":
+        """The concept `name` (a key of CONCEPTS) as an object."""
+        if name not in CONCEPTS:
+            raise ValueError(f"unknown concept {name!r}; expected one of {', '.join(CONCEPTS)}")
+        return cls(CONCEPTS[name].shape, None, position, name, **geometry)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "objects", tuple(self.objects))
+        if len(self.objects) > 2:
+            raise ValueError(f"a scene holds at most 2 objects, got {len(self.objects)}")
+        if self.background is not None and self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; expected one of {', '.join(BACKGROUNDS)}")
+        given = [o.position for o in self.objects if o.position is not None]
+        if len(set(given)) != len(given):
+            raise ValueError(f"two objects share the position {given[0]!r}")
+
+
+# ----------------------------------------------------------------------------- captions
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def describe(obj: SceneObject, noun: str | None = None) -> str:
+    """'a red circle on the left'; `noun` replaces 'colour shape' (e.g. a concept's placeholder)."""
+    if noun is None:
+        noun = CONCEPTS[obj.look].phrase if obj.look != "plain" else (
+            f"{obj.colour} {obj.shape}" if obj.colour is not None else obj.shape)
+    words = f"{_article(noun)} {noun}"
+    return words if obj.position is None else f"{words} {POSITION_PHRASES[obj.position]}"
+
+
+def caption(scene: Scene, nouns: Sequence[str | None] | None = None) -> str:
+    """The caption of `scene`; unset fields are left out. `nouns[i]` overrides object i's noun."""
+    if not scene.objects:
+        raise ValueError("an empty scene has no caption")
+    nouns = list(nouns) if nouns is not None else [None] * len(scene.objects)
+    if len(nouns) != len(scene.objects):
+        raise ValueError(f"got {len(nouns)} nouns for {len(scene.objects)} objects")
+    text = " and ".join(describe(o, n) for o, n in zip(scene.objects, nouns))
+    return text if scene.background is None else f"{text}, on a {scene.background} background"
+
+
+# ----------------------------------------------------------------------------- rendering
+def _shape_mask(shape: str, cx: float, cy: float, d: float, side: int) -> Image.Image:
+    """Binary (0/255) mode-L mask of `shape` centred at (cx, cy) px with diameter d px."""
+    img = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(img)
+    r = d / 2
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        inner = 0.5 * r
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif shape == "square":
+        h = 0.85 * r
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=255)
+    elif shape == "cross":
+        arm, w = 0.95 * r, 0.34 * r
+        draw.rectangle((cx - arm, cy - w, cx + arm, cy + w), fill=255)
+        draw.rectangle((cx - w, cy - arm, cx + w, cy + arm), fill=255)
+    elif shape == "triangle":
+        big = 1.15 * r  # circumradius; shifted down so that the bounding box is centred
+        shift = big / 4
+        draw.polygon([(cx + big * math.cos(a), cy + shift + big * math.sin(a))
+                      for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)], fill=255)
+    elif shape == "star":
+        outer, inner = 1.1 * r, 0.5 * r
+        shift = outer * (1 - math.cos(math.pi / 5)) / 2
+        points = []
+        for k in range(10):
+            a = -math.pi / 2 + k * math.pi / 5
+            rad = outer if k % 2 == 0 else inner
+            points.append((cx + rad * math.cos(a), cy + shift + rad * math.sin(a)))
+        draw.polygon(points, fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+@lru_cache(maxsize=32)
+def _background(name: str, side: int) -> Image.Image:
+    if name in _PLAIN_BACKGROUNDS:
+        return Image.new("RGB", (side, side), _PLAIN_BACKGROUNDS[name])
+    if name == "checkered":
+        cell = max(1, round(_CHECK_CELL * side))
+        idx = np.arange(side) // cell
+        light = ((idx[:, None] + idx[None, :]) % 2 == 0)[..., None]
+        return Image.fromarray(np.where(light, np.uint8(_CHECKS[0]), np.uint8(_CHECKS[1])).astype(np.uint8), "RGB")
+    raise ValueError(f"unknown background {name!r}; expected one of {', '.join(BACKGROUNDS)}")
+
+
+def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.Image:
+    """The colours of the object's surface (its look) over the whole canvas, before masking."""
+    if obj.look == "plain":
+        return Image.new("RGB", (side, side), COLOURS[obj.colour])
+    concept = CONCEPTS[obj.look]
+    a, b = (np.array(c, np.uint8) for c in concept.colours)
+    ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
+    if concept.pattern == "stripes":
+        band = side * 2 / 32  # 2 px bands at 32x32, aligned on the object's centre
+        second = np.floor((ys - cy) / band) % 2 == 1
+    elif concept.pattern == "dots":
+        step, radius = 0.3 * d, 0.1 * d  # 3x3 dots inside the square (half side 0.425 d)
+        gx, gy = np.round((xs - cx) / step), np.round((ys - cy) / step)
+        near = (np.abs(gx) <= 1) & (np.abs(gy) <= 1)
+        second = near & ((xs - cx - gx * step) ** 2 + (ys - cy - gy * step) ** 2 <= radius ** 2)
+    elif concept.pattern == "halves":
+        second = ys >= cy
+    else:
+        raise ValueError(f"unknown pattern {concept.pattern!r}")
+    return Image.fromarray(np.where(second[..., None], b, a), "RGB")
+
+
+def render(scene: Scene, size: int = 32) -> tuple[Image.Image, list[np.ndarray]]:
+    """The scene as a size x size RGB image, and each object's soft mask (uint8, 255 = object).
+
+    Drawn at SUPERSAMPLE times the size with hard edges, then each SUPERSAMPLE x SUPERSAMPLE
+    block is averaged (box filter), which antialiases edges and makes the masks soft.
+    """
+    if not isinstance(size, int) or size < 16:
+        raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
+    if scene.background is None:
+        raise ValueError("cannot render a scene without a background (it is a request, not a scene)")
+    side = size * SUPERSAMPLE
+    canvas = _background(scene.background, side).copy()
+    masks_hi: list[Image.Image] = []
+    for obj in scene.objects:
+        if obj.position is None or (obj.look == "plain" and obj.colour is None):
+            raise ValueError(f"cannot render {describe(obj)!r}: position and colour (of a plain object) must be set")
+        fx, fy = POSITIONS[obj.position]
+        cx, cy, d = (fx + obj.offset[0]) * side, (fy + obj.offset[1]) * side, obj.size * side
+        mask = _shape_mask(obj.shape, cx, cy, d, side)
+        canvas.paste(_fill(obj, cx, cy, d, side), (0, 0), mask)
+        hidden = ImageChops.invert(mask)  # a later object hides an earlier one
+        masks_hi = [ImageChops.multiply(m, hidden) for m in masks_hi] + [mask]
+    box = Image.Resampling.BOX
+    masks = [np.asarray(m.resize((size, size), box)) for m in masks_hi]
+    return canvas.resize((size, size), box), masks
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class Geometry:
+    """Ranges of object size and centre jitter (fractions of the image side)."""
+    size: tuple[float, float] = (0.35, 0.43)
+    jitter: float = 0.03
+
+
+WORLD_GEOMETRY = Geometry()
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[int(rng.integers(len(options)))]
+
+
+def sample_positions(rng: np.random.Generator, count: int) -> tuple[str, ...]:
+    if count == 1:
+        return (_pick(rng, tuple(POSITIONS)),)
+    pair = _pick(rng, PAIRED_POSITIONS)
+    return pair if rng.random() < 0.5 else pair[::-1]
+
+
+def sample_object(rng: np.random.Generator, position: str, combos: str = "train", look: str = "plain",
+                  geometry: Geometry = WORLD_GEOMETRY) -> SceneObject:
+    """An object at `position`; `combos` restricts (colour, shape): 'train' (not HELD_OUT),
+    'heldout' (only HELD_OUT) or 'all'. A concept `look` ignores `combos`."""
+    size = float(rng.uniform(*geometry.size))
+    offset = (float(rng.uniform(-geometry.jitter, geometry.jitter)), float(rng.uniform(-geometry.jitter, geometry.jitter)))
+    if look != "plain":
+        return SceneObject.concept(look, position, size=size, offset=offset)
+    pairs = {"train": _TRAIN_PAIRS, "heldout": _HELD_OUT_PAIRS, "all": _ALL_PAIRS}.get(combos)
+    if pairs is None:
+        raise ValueError(f"combos must be 'train', 'heldout' or 'all', got {combos!r}")
+    colour, shape = _pick(rng, pairs)
+    return SceneObject(shape, colour, position, size=size, offset=offset)
+
+
+_ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+_TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELD_OUT)
+_HELD_OUT_PAIRS = tuple(sorted(HELD_OUT))
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.6) -> Scene:
+    """A scene of the pretraining world ('train': no HELD_OUT pair, no concept) or a held-out
+    scene ('heldout': at least one object is a HELD_OUT pair, the other a training pair)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    positions = sample_positions(rng, 2 if rng.random() < p_two else 1)
+    special = int(rng.integers(len(positions))) if split == "heldout" else -1
+    objects = tuple(sample_object(rng, p, "heldout" if i == special else "train") for i, p in enumerate(positions))
+    return Scene(objects, _pick(rng, BACKGROUNDS))
+
+
+def held_out_scenes() -> list[Scene]:
+    """A fixed evaluation set: 4 scenes per HELD_OUT pair (2 alone, 2 beside a training pair),
+    default size, no jitter, all positions and backgrounds used."""
+    rng = np.random.default_rng(20240607)
+    scenes = []
+    positions, backgrounds = tuple(POSITIONS), BACKGROUNDS
+    for k, (colour, shape) in enumerate(sorted(HELD_OUT)):
+        for j in range(2):
+            position = positions[(2 * k + j) % len(positions)]
+            scenes.append(Scene((SceneObject(shape, colour, position),), backgrounds[(k + j) % len(backgrounds)]))
+        for j, pair in enumerate(PAIRED_POSITIONS):
+            other_colour, other_shape = _pick(rng, _TRAIN_PAIRS)
+            held = SceneObject(shape, colour, pair[j % 2])
+            other = SceneObject(other_shape, other_colour, pair[1 - j % 2])
+            objects = (held, other) if (k + j) % 2 == 0 else (other, held)
+            scenes.append(Scene(objects, backgrounds[(k + j + 2) % len(backgrounds)]))
+    return scenes
+
+
+def held_out_prompts() -> list[str]:
+    """Captions of `held_out_scenes()`, in the same order."""
+    return [caption(s) for s in held_out_scenes()]
+
+
+def contains_held_out(scene: Scene) -> bool:
+    return any((o.colour, o.shape) in HELD_OUT for o in scene.objects)
+
+
+def contains_concept(scene: Scene) -> bool:
+    return any(o.look != "plain" for o in scene.objects)
+
+
+def as_request(scene: Scene, drop_colour: Sequence[bool] = (), drop_position: Sequence[bool] = (),
+               drop_background: bool = False) -> Scene:
+    """The scene with the flagged fields set to None: what a less specific caption asks for."""
+    objects = tuple(
+        replace(o, colour=None if i < len(drop_colour) and drop_colour[i] else o.colour,
+                position=None if i < len(drop_position) and drop_position[i] else o.position)
+        for i, o in enumerate(scene.objects))
+    return Scene(objects, None if drop_background else scene.background)
+
+
+def vocabulary() -> dict[str, list[str]]:
+    """The world's word lists, in the order a classifier indexes them."""
+    return {"shapes": list(SHAPES), "colours": list(COLOURS), "positions": list(POSITIONS),
+            "looks": list(LOOKS), "backgrounds": list(BACKGROUNDS)}
