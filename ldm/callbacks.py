@@ -213,7 +213,7 @@ class StepProgressBar(TQDMProgressBar):
 
     On a terminal it is redrawn every `refresh_rate` steps (Lightning's meaning; `TQDM_MINITERS`
     raises it). When stdout is not a terminal (CI logs, files), where every redraw becomes a line,
-    it is redrawn at most every `log_interval_s` seconds, and at the last step.
+    it is redrawn at most every `log_interval_s` seconds, and once finished.
     """
 
     BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
@@ -257,9 +257,11 @@ class StepProgressBar(TQDMProgressBar):
             self._redraw(trainer, pl_module)
 
     def _redraw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bar = self._train_progress_bar
         self._last_redraw = time.monotonic()
-        self._train_progress_bar.n = trainer.global_step
-        self._train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+        bar.n = trainer.global_step
+        # Off a terminal the finished bar is drawn once, by close() at the end of training.
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=self._interactive or bar.n != bar.total)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)

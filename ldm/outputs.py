@@ -46,3 +46,30 @@ def save_samples(images: torch.Tensor, outdir: str | Path, metadata: Sequence[Ma
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, metadata: Mapping | None = None) -> Path:
     return save_png(to_pil(make_grid(images, nrow=nrow, padding=2, pad_value=1.0)), Path(path), metadata)
+
+
+def save_labelled_grid(images: torch.Tensor, path: str | Path, labels: Sequence[str],
+                       metadata: Mapping | None = None) -> Path:
+    """Grid with one column per label, the label written above its column.
+
+    `images` (rows * len(labels), 3, H, W) in row-major order: image i is in column i % len(labels).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    cols = len(labels)
+    if cols == 0 or len(images) % cols:
+        raise ValueError(f"{len(images)} images do not fill {cols} labelled columns")
+    grid = to_pil(make_grid(images, nrow=cols, padding=2, pad_value=1.0))
+    cell = images.shape[-1] + 2
+    size = 24   # largest font size (up to 24 px) at which every label fits its column
+    while size > 6 and max(ImageFont.load_default(size=size).getlength(t) for t in labels) > cell - 4:
+        size -= 1
+    font = ImageFont.load_default(size=size)
+    margin = size + 6
+    canvas = Image.new("RGB", (grid.width, grid.height + margin), "white")
+    canvas.paste(grid, (0, margin))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        x = 2 + i * cell + (cell - 2 - font.getlength(label)) / 2
+        draw.text((x, 3), label, fill="black", font=font)
+    return save_png(canvas, Path(path), metadata)

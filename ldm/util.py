@@ -28,6 +28,18 @@ def instantiate_from_config(config, **extra):
     return get_obj_from_str(config["target"])(**params)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """`path` as given if it exists (or is absolute), else relative to the repository root, so that
+    the files the project ships (e.g. data/captions.txt) are found from any working directory."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
 def count_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py concept-size --config configs/perfusion_teddy.yaml --out /tmp/concept.safetensors
     python scripts/benchmark.py train-step   --config configs/tiny/perfusion-tiny.yaml
-    python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml
+    python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml [--concepts 2]
 
 Timings are ratios of two variants measured alternately in one process (these machines are
 noisy); each figure is the median over --repeats rounds.
@@ -75,13 +75,7 @@ def train_step(args) -> int:
     """Perfusion step vs (a) plain LatentDiffusion fine-tuning and (b) the same step with the edit off."""
     config = load_config([args.config], args.overrides)
     perfusion = build_model(config, seed=0).train()
-    base_config = config.copy()
-    base_config.model.target = "ldm.models.diffusion.ddpm.LatentDiffusion"
-    base_config.model.params = {k: v for k, v in config.model.params.items()
-                                if k in ("unet_config", "first_stage_config", "cond_stage_config", "timesteps",
-                                         "linear_start", "linear_end", "parameterization", "scale_factor",
-                                         "image_size", "channels")}
-    plain = build_model(base_config, seed=0).train()
+    plain = build_model(_base_config(config), seed=0).train()
     side = perfusion.image_size * perfusion.first_stage_model.downsample_factor
     batch = _batch(perfusion, args.batch_size, side)
     perfusion.ensure_covariance()
@@ -111,6 +105,83 @@ def train_step(args) -> int:
     print(f"ratio perfusion / plain LatentDiffusion = {med['perfusion'] / med['plain']:.3f}")
     print(f"ratio perfusion / edit switched off    = {med['perfusion'] / med['edit_off']:.3f}")
     print(f"peak memory: {_peak_memory()}")
+    return 0
+
+
+def _base_config(config):
+    """The plain LatentDiffusion of a Perfusion config: same networks, no concept machinery."""
+    base_config = config.copy()
+    base_config.model.target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    base_config.model.params = {k: v for k, v in config.model.params.items()
+                                if k in ("unet_config", "first_stage_config", "cond_stage_config", "timesteps",
+                                         "linear_start", "linear_end", "parameterization", "scale_factor",
+                                         "image_size", "channels")}
+    return base_config
+
+
+def sample(args) -> int:
+    """Perfusion sampling with --concepts concepts vs the base model's: same weights, prompt, seed and steps.
+
+    Also with the per-prompt cache of the edited keys/values switched off (recomputed every step).
+    """
+    import tempfile
+
+    from ldm.inference import format_prompt, load_concepts
+    from ldm.sample import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config([args.config], args.overrides)
+    perfusion = build_model(config, seed=0)
+    base = build_model(_base_config(config), seed=0)
+    skip = set(perfusion.non_base_keys())
+    base.load_state_dict({k: v for k, v in perfusion.state_dict().items() if k not in skip})
+    perfusion.ensure_covariance()
+    side = perfusion.image_size * perfusion.first_stage_model.downsample_factor
+    settings = dict(steps=args.steps, scale=args.scale, height=side, width=side, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for k in range(args.concepts):
+            # a concept initialised from one batch (its own templates): at sampling it costs what a trained one does
+            templates = [TEMPLATES[(4 * k + i) % len(TEMPLATES)] for i in range(4)]
+            captions = [fill(t, perfusion.placeholder) for t in templates]
+            supers = [fill(t, perfusion.superclass) for t in templates]
+            perfusion.initialized.fill_(False)
+            with torch.no_grad():
+                perfusion.update_targets(perfusion.cond_stage_model.tokenize(captions), captions, supers)
+            files.append(perfusion.save_concept(Path(tmp) / f"concept{k}.safetensors"))
+        loaded = load_concepts(perfusion, files, 0.7, 0.15)
+    names = " and ".join(f"a {{{k + 1}}}" for k in range(args.concepts))
+    prompts = [format_prompt(f"a photo of {names} on the beach", loaded.tokens)] * args.batch_size
+
+    def timed(model, cache=True):
+        perfusion.bank.cache = cache
+        t0 = time.perf_counter()
+        images = generate(model, prompts, **settings)
+        elapsed = time.perf_counter() - t0
+        perfusion.bank.cache = True
+        return elapsed, images
+
+    _, base_images = timed(base)
+    _, concept_images = timed(perfusion)
+    _, uncached_images = timed(perfusion, cache=False)
+    variants = {"base": (base, True), "perfusion": (perfusion, True), "uncached": (perfusion, False)}
+    times = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):   # alternate the order
+            times[name].append(timed(*variants[name])[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"config: {args.config}, {args.batch_size} images of {side}x{side}, DDIM {args.steps} steps, guidance "
+          f"{args.scale}, {args.repeats} rounds, device cpu, {torch.get_num_threads()} threads")
+    print(f"base model: {med['base']:.3f} s; Perfusion, {args.concepts} concept(s): {med['perfusion']:.3f} s; "
+          f"Perfusion without the per-prompt cache: {med['uncached']:.3f} s")
+    low = {k: min(v) for k, v in times.items()}
+    print(f"ratio Perfusion / base = {med['perfusion'] / med['base']:.3f} (medians; fastest rounds: "
+          f"{low['perfusion'] / low['base']:.3f})")
+    print(f"ratio Perfusion without cache / base = {med['uncached'] / med['base']:.3f} (fastest rounds: "
+          f"{low['uncached'] / low['base']:.3f})")
+    print(f"cached == uncached images: {torch.equal(concept_images, uncached_images)}; "
+          f"concept changes the images: {not torch.equal(concept_images, base_images)}")
     return 0
 
 
@@ -149,6 +220,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_size", type=int, default=4)
     s.add_argument("--repeats", type=int, default=7)
     s.set_defaults(func=train_step)
+    s = sub.add_parser("sample", help="time of Perfusion sampling relative to the base model's")
+    s.add_argument("--config", required=True)
+    s.add_argument("--batch_size", type=int, default=2)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--scale", type=float, default=6.0)
+    s.add_argument("--repeats", type=int, default=9)
+    s.add_argument("--concepts", type=int, default=1, help="how many concepts are loaded (Appendix B, exact)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
+    s.set_defaults(func=sample)
     for s in sub.choices.values():
         s.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p

@@ -1,7 +1,9 @@
-"""main.py end to end: real tiny LatentDiffusion runs of a few steps on 32x32 photos, in-process."""
+"""main.py end to end with the real tiny PerfusionLatentDiffusion (configs/tiny/perfusion-tiny.yaml):
+runs of a few optimizer steps on two 32x32 photos with masks, in-process, plus one 2-process DDP run."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import signal
@@ -11,25 +13,28 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
 
 import main
-from ldm.build import ConfigError
+from ldm.build import ConfigError, build_model, load_config
 from ldm.callbacks import StepProgressBar
 from ldm.checkpoint import CheckpointError
 from ldm.cli import run_cli
+from ldm.concepts import load_concept
+from ldm.data.loader import ShuffledPassSampler, derive_seed
+from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/tiny/v1-tiny.yaml"
-TEST_MODEL = "model.target=tests.training_models.ConceptLDM"
+PERFUSION = ROOT / "configs/tiny/perfusion-tiny.yaml"
+CONCEPT_KEYS = ("embedding", "i_star", "i_super", "initialized")  # + o_star_v.<l>: the learned state
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +47,26 @@ def one_thread():
 
 
 def write_concept(root: Path) -> Path:
+    """Two photos (JPEG and PNG) and their masks in `<root>/mask/`, as data/soft_segment.py writes them."""
     root.mkdir(parents=True)
+    (root / "mask").mkdir()
     for name, picture in (("cat.jpg", skdata.chelsea()), ("cup.png", skdata.coffee())):
         Image.fromarray(picture).save(root / name)
         mask = np.zeros(picture.shape[:2], np.uint8)
         mask[:, picture.shape[1] // 4: 3 * picture.shape[1] // 4] = 255
-        (root / "mask").mkdir(exist_ok=True)
         Image.fromarray(mask, mode="L").save(root / "mask" / f"{Path(name).stem}.png")
     return root
 
 
-def write_config(path: Path, data_root: Path, max_steps: int = 4) -> Path:
+def write_config(path: Path, data_root: Path) -> Path:
+    """Merged over perfusion-tiny.yaml: the test photos with masks, batch 2 x accumulate 2, 4 steps,
+    everything written every 2 steps; C from 300 captions and 2 sampling steps for the logged images."""
     config = {
-        "data": {"target": "ldm.data.personalized.PersonalizedDataset",
-                 "params": {"data_root": str(data_root), "placeholder": "sks", "superclass": "cat", "size": 32},
+        "model": {"params": {"covariance_captions": str(ROOT / "data/captions.txt"), "covariance_max_captions": 300,
+                             "log_sample_steps": 2}},
+        "data": {"params": {"data_root": str(data_root), "size": 32, "use_masks": True},
                  "batch_size": 2, "num_workers": 0},
-        "lightning": {"trainer": {"max_steps": max_steps, "accumulate_grad_batches": 2, "log_every_n_steps": 1},
+        "lightning": {"trainer": {"max_steps": 4, "accumulate_grad_batches": 2, "log_every_n_steps": 1},
                       "callbacks": {"concept_checkpoint": {"every_n_steps": 2}, "checkpoint": {"every_n_steps": 2},
                                     "image_logger": {"every_n_steps": 2, "max_images": 2}}},
     }
@@ -65,10 +74,17 @@ def write_config(path: Path, data_root: Path, max_steps: int = 4) -> Path:
     return path
 
 
-def run_main(argv: list[str]):
-    out = io.StringIO()
+class Terminal(io.StringIO):
+    """Captured output that says it is a terminal, as an interactive stdout does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_main(argv: list[str], extra_callbacks=(), terminal: bool = False):
+    out = Terminal() if terminal else io.StringIO()
     with redirect_stdout(out):
-        trainer = main.run(argv)
+        trainer = main.run(argv, extra_callbacks=extra_callbacks)
     return trainer, out.getvalue()
 
 
@@ -78,14 +94,51 @@ def tensorboard(run_dir: Path) -> EventAccumulator:
     return events
 
 
+def learned_state(model) -> dict[str, torch.Tensor]:
+    """The concept's tensors as the model holds them (parameters and buffers)."""
+    state = model.state_dict()
+    return {k: state[k].detach().clone() for k in model.non_base_keys()}
+
+
+class RecordLogImagesMode(pl.Callback):
+    """Wraps the model's `log_images` to record whether it ran in training mode and with gradients."""
+
+    def __init__(self):
+        self.calls: list[tuple[bool, bool]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        log_images = pl_module.log_images
+
+        def recorded(*args, **kwargs):
+            self.calls.append((pl_module.training, torch.is_grad_enabled()))
+            return log_images(*args, **kwargs)
+
+        pl_module.log_images = recorded
+
+
+class CtrlC(pl.Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) before the first batch of optimizer step `at_step + 1`,
+    keeping the concept as it is at that moment."""
+
+    def __init__(self, at_step: int):
+        self.at_step, self.concept = at_step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            self.concept = {k: v.clone() for k, v in pl_module.concept().tensors().items()}
+            raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, one_thread):
     base = tmp_path_factory.mktemp("train")
     config = write_config(base / "cat.yaml", write_concept(base / "concept"))
-    trainer, stdout = run_main(["--base", str(TINY), str(config), "-t", "--name", "cat", "--logdir", str(base / "logs"),
-                                "--accelerator", "cpu", TEST_MODEL, "model.params.learning_rate=0.0003"])
+    spy = RecordLogImagesMode()
+    trainer, stdout = run_main(["--base", str(PERFUSION), str(config), "-t", "--name", "cat",
+                                "--logdir", str(base / "logs"), "--accelerator", "cpu", "model.params.tau=0.2"],
+                               extra_callbacks=[spy])
     (run_dir,) = (base / "logs").iterdir()
-    return SimpleNamespace(trainer=trainer, stdout=stdout, run_dir=run_dir, base=base, config=config)
+    return SimpleNamespace(trainer=trainer, stdout=stdout, run_dir=run_dir, base=base, config=config, spy=spy)
 
 
 def test_run_directory_layout(first_run):
@@ -94,19 +147,25 @@ def test_run_directory_layout(first_run):
     assert sorted(p.name for p in (run_dir / "concepts").iterdir()) == \
         ["last.safetensors", "step_000002.safetensors", "step_000004.safetensors"]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
-    assert sorted(p.name for p in (run_dir / "images").iterdir()) == \
-        [f"{name}_step_00000{s}.png" for name in ("inputs", "mask", "reconstruction") for s in (2, 4)]
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == sorted(
+        f"{name}_step_00000{s}.png" for name in ("inputs", "inputs_masked", "samples", "concept_attention")
+        for s in (2, 4))
     (saved,) = (run_dir / "configs").iterdir()
     config = OmegaConf.load(saved)
-    assert config.model.target == "tests.training_models.ConceptLDM"  # merged and overridden
-    assert config.model.params.learning_rate == 0.0003 and config.model.params.unet_config.params.model_channels == 32
+    assert config.model.target == "ldm.models.diffusion.perfusion.PerfusionLatentDiffusion"
+    assert config.model.params.tau == 0.2 and config.model.params.unet_config.params.model_channels == 32
+    assert config.data.params.use_masks is True and config.data.params.superclass == "cat"  # merged
     assert config.lightning.trainer.accelerator == "cpu" and config.lightning.seed == 23
 
 
-def test_overrides_reach_the_model(first_run):
-    model = first_run.trainer.lightning_module
-    assert type(model).__name__ == "ConceptLDM" and model.learning_rate == 0.0003
-    assert first_run.trainer.optimizers[0].param_groups[0]["lr"] == 0.0003
+def test_overrides_and_learning_rates_reach_the_model(first_run):
+    model, trainer = first_run.trainer.lightning_module, first_run.trainer
+    assert type(model).__name__ == "PerfusionLatentDiffusion" and model.tau == 0.2
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert {name: g["lr"] for name, g in groups.items()} == {"o_star_v": 0.03, "embedding": 0.006}
+    assert len(groups["embedding"]["params"]) == 1 and groups["embedding"]["params"][0] is model.embedding
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters() if p.requires_grad)  # nothing else trains
 
 
 def test_progress_is_counted_in_optimizer_steps(first_run):
@@ -120,36 +179,71 @@ def test_progress_is_counted_in_optimizer_steps(first_run):
     assert "effective batch 4 = 2 x 2 x 1 device(s)" in first_run.stdout
 
 
-def test_tensorboard_has_loss_learning_rate_and_images(first_run):
+def test_progress_bar_is_quiet_when_stdout_is_not_a_terminal(first_run):
+    # The whole run takes a few seconds, less than StepProgressBar.log_interval_s: drawn at start and end only.
+    assert re.findall(r"(\d)/4 steps", first_run.stdout) == ["0", "4"]
+
+
+def test_tensorboard_has_loss_learning_rates_and_images(first_run):
     events = tensorboard(first_run.run_dir)
-    assert {"train/loss", "lr-AdamW"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "lr-AdamW/o_star_v", "lr-AdamW/embedding"} <= set(events.Tags()["scalars"])
     losses = events.Scalars("train/loss")
     assert len(losses) >= 4 and all(np.isfinite(e.value) and e.value > 0 for e in losses)
     assert max(e.step for e in losses) <= 4
-    assert [e.value for e in events.Scalars("lr-AdamW")][-1] == pytest.approx(0.0003)
-    for name in ("inputs", "reconstruction", "mask"):
-        assert [e.step for e in events.Images(f"train/{name}")] == [2, 4]
-        assert events.Images(f"train/{name}")[0].width == 2 * 32 + 3 * 2  # two images in one row, padding 2
+    for group, lr in (("o_star_v", 0.03), ("embedding", 0.006)):  # the configured rates, every step
+        rates = events.Scalars(f"lr-AdamW/{group}")
+        assert {e.step for e in rates} == {0, 1, 2, 3} and all(e.value == pytest.approx(lr) for e in rates)
+    for name, count in (("inputs", 2), ("inputs_masked", 2), ("samples", 2), ("concept_attention", 1)):
+        images = events.Images(f"train/{name}")
+        assert [e.step for e in images] == [2, 4]
+        # one row, padding 2 (make_grid leaves a single image as it is)
+        assert (images[0].width, images[0].height) == ((count * 34 + 2, 36) if count > 1 else (32, 32))
+    # the samples change as the concept learns
+    assert events.Images("train/samples")[0].encoded_image_string != events.Images("train/samples")[1].encoded_image_string
 
 
 def test_image_logger_runs_in_eval_mode_and_restores_train_mode(first_run):
+    assert first_run.spy.calls == [(False, False), (False, False)]  # steps 2 and 4: eval mode, no gradients
     model = first_run.trainer.lightning_module
-    assert model.logged_in_training_mode is False
     assert model.training and model.model.training and not model.first_stage_model.training
 
 
-def test_concept_and_resume_checkpoint_contents(first_run):
+def test_concept_files_are_perfusion_concepts(first_run):
     run_dir, model = first_run.run_dir, first_run.trainer.lightning_module
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    last = load_file(run_dir / "concepts" / "last.safetensors")
-    assert last.keys() == trained.keys() and all(torch.equal(last[k], trained[k]) for k in trained)
-    with safe_open(run_dir / "concepts" / "step_000002.safetensors", "pt") as f:
-        assert f.metadata()["step"] == "2"
+    paths = sorted((run_dir / "concepts").iterdir())
+    for path in paths:
+        concept = load_concept(path)
+        assert (concept.placeholder, concept.superclass) == ("*", "cat")  # from perfusion-tiny.yaml
+        assert (concept.train_beta, concept.train_tau) == (0.75, 0.2)
+        # 7 cross-attention layers in the tiny U-Net: 2 down, 1 middle, 4 up
+        assert len(concept.o_star_v) == len(model.o_star_v) == 7 and concept.embedding.shape == (64,)
+        assert concept.fingerprints == model.fingerprints() and concept.fingerprints["covariance"]
+        floats = sum(v.numel() for v in concept.tensors().values())
+        assert floats == 544 and 4 * floats < path.stat().st_size < 4096  # about 3 KB: float32 + header
+    last = load_concept(run_dir / "concepts" / "last.safetensors").tensors()
+    assert last.keys() == model.concept().tensors().keys()
+    assert all(torch.equal(v, model.concept().tensors()[k]) for k, v in last.items())
+    step2 = load_concept(run_dir / "concepts" / "step_000002.safetensors").tensors()
+    assert not torch.equal(step2["embedding"], last["embedding"])  # steps 3-4 changed the concept
+    assert not torch.equal(step2["o_star_v.0"], last["o_star_v.0"])
+
+
+def test_superclass_target_is_the_moving_average_of_the_batches(first_run):
+    config = load_config([PERFUSION, first_run.config])
+    i_super = first_run.trainer.lightning_module.i_super
+    assert (i_super - replay_i_super(config, seed=23, ranks=[0])).abs().max() < 1e-5
+
+
+def test_resume_checkpoint_holds_only_the_learned_state(first_run):
+    run_dir, model = first_run.run_dir, first_run.trainer.lightning_module
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["optimizer_states"]
-    assert set(ckpt["state_dict"]) == set(trained)  # frozen VAE / text encoder left out
-    frozen = sum(1 for p in model.parameters() if not p.requires_grad)
-    assert ckpt["frozen_parameters"]["omitted"] == frozen > 0
+    state = learned_state(model)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in state.items())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert not frozen & set(ckpt["state_dict"])  # frozen U-Net, VAE, text encoder left out
+    assert ckpt["frozen_parameters"]["omitted"] == len(frozen) > 0
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size < 100_000
 
 
 def copy_run(first_run, tmp_path) -> Path:
@@ -157,53 +251,117 @@ def copy_run(first_run, tmp_path) -> Path:
     return Path(shutil.copytree(first_run.run_dir, tmp_path / first_run.run_dir.name))
 
 
-def test_resume_restores_weights_and_continues_the_step_count(first_run, tmp_path):
+def test_resume_restores_the_concept_and_continues_the_step_count(first_run, tmp_path):
     run_dir = copy_run(first_run, tmp_path)
-    trained = load_file(run_dir / "concepts" / "last.safetensors")
-    # Nothing left to do at max_steps=4: the restored model is exactly the trained one.
+    trained = learned_state(first_run.trainer.lightning_module)
+    assert set(CONCEPT_KEYS) < trained.keys() and bool(trained["initialized"])
+    # Nothing left to do at max_steps=4: the restored concept is exactly the trained one.
     trainer, _ = run_main(["--resume", str(run_dir / "checkpoints" / "last.ckpt"), "-t"])
     assert trainer.global_step == 4
-    state = trainer.lightning_module.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in trained.items())
-    # Two more steps, with the first run's overrides (learning rate) kept from its saved config.
-    trainer, stdout = run_main(["--resume", str(run_dir), "-t", "lightning.trainer.max_steps=6"])
-    assert trainer.global_step == 6 and trainer.lightning_module.learning_rate == 0.0003
-    assert "6/6 steps" in stdout
-    assert (run_dir / "concepts" / "step_000006.safetensors").is_file()
+    restored = learned_state(trainer.lightning_module)
+    assert restored.keys() == trained.keys() and all(torch.equal(restored[k], v) for k, v in trained.items())
+    # Two more steps, with the first run's override (tau) kept from its saved config; on a terminal
+    # the bar is drawn at every step.
+    trainer, stdout = run_main(["--resume", str(run_dir), "-t", "lightning.trainer.max_steps=6"], terminal=True)
+    model = trainer.lightning_module
+    assert trainer.global_step == 6 and model.tau == 0.2
+    assert "5/6 steps" in stdout and "6/6 steps" in stdout
+    step6 = load_concept(run_dir / "concepts" / "step_000006.safetensors")
+    assert step6.train_tau == 0.2 and not torch.equal(step6.embedding, trained["embedding"])
+    # The targets went on from the restored moving average instead of being initialised again.
+    config = load_config([PERFUSION, first_run.config], ["lightning.trainer.max_steps=6"])
+    continued = replay_i_super(config, seed=23, ranks=[0], start_step=4, i_super=trained["i_super"])
+    assert (step6.i_super - continued).abs().max() < 1e-5
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert len(list((run_dir / "configs").iterdir())) == 3
     assert max(e.step for e in tensorboard(run_dir).Scalars("train/loss")) > 4
 
 
 def test_resume_refuses_other_frozen_weights(first_run, tmp_path):
-    # Another seed gives the tiny model other random (frozen) VAE and text encoder weights.
+    # Another seed gives the tiny model other random (frozen) U-Net, VAE and text encoder weights.
     with pytest.raises(CheckpointError, match="different frozen weights"):
         run_main(["--resume", str(copy_run(first_run, tmp_path)), "-t", "--seed", "99", "lightning.trainer.max_steps=8"])
 
 
 def test_ctrl_c_saves_the_concept_and_a_resume_checkpoint(first_run, tmp_path):
+    ctrl_c = CtrlC(at_step=3)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as exit_info:  # Lightning exits with status 1 after Ctrl-C
-            run_main(["--base", str(TINY), str(first_run.config), "-t", "--logdir", str(tmp_path), TEST_MODEL,
-                      "model.params.interrupt_at_step=3", "lightning.trainer.max_steps=10"])
+            run_main(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir", str(tmp_path),
+                      "lightning.trainer.max_steps=10"], extra_callbacks=[ctrl_c])
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after the first
     assert exit_info.value.code == 1
     (run_dir,) = tmp_path.iterdir()
-    with safe_open(run_dir / "concepts" / "last.safetensors", "pt") as f:
-        assert f.metadata()["step"] == "3"
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    saved = load_concept(run_dir / "concepts" / "last.safetensors")
+    assert saved.superclass == "cat" and saved.tensors().keys() == ctrl_c.concept.keys()
+    assert all(torch.equal(saved.tensors()[k], v) for k, v in ctrl_c.concept.items())  # the concept at step 3
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and torch.equal(ckpt["state_dict"]["embedding"], ctrl_c.concept["embedding"])
 
 
 def test_without_train_flag_only_checks(first_run, tmp_path):
-    trainer, stdout = run_main(["--base", str(TINY), str(first_run.config), "--logdir", str(tmp_path / "logs"),
-                                TEST_MODEL])
+    trainer, stdout = run_main(["--base", str(PERFUSION), str(first_run.config), "--logdir", str(tmp_path / "logs")])
     assert trainer is None and "nothing trained" in stdout and "2 items" in stdout
+    assert "416 trainable parameters" in stdout  # the embedding (64) and o*_V (352)
     assert not (tmp_path / "logs").exists()
     with pytest.raises(ConfigError, match="lightning.trainer: Precision 'bogus'"):  # trainer settings are checked too
-        run_main(["--base", str(TINY), str(first_run.config), "--logdir", str(tmp_path / "logs"), TEST_MODEL,
+        run_main(["--base", str(PERFUSION), str(first_run.config), "--logdir", str(tmp_path / "logs"),
                   "--precision", "bogus"])
+
+
+# ----------------------------------------------------------------------------- DDP
+def replay_i_super(config, seed: int, ranks: list[int], start_step: int = 0, i_super=None) -> torch.Tensor:
+    """i_super at `lightning.trainer.max_steps`, recomputed in this process from the batches that `ranks`
+    drew from `start_step` on (continuing the moving average `i_super` of a resumed run).
+
+    Each rank draws its samples with the step sampler seeded (seed, rank, start step) and its
+    templates from the dataset generator seeded with seed + rank (SeedPerRank). With equal batch
+    sizes the mean over ranks of each rank's batch mean, which the model all-reduces, is the mean
+    over the concatenated batch. i_super depends only on the frozen text encoder, not on training.
+    """
+    trainer, batch_size = config.lightning.trainer, config.data.batch_size
+    micro_batches = (trainer.max_steps - start_step) * trainer.accumulate_grad_batches
+    per_rank = []
+    for rank in ranks:
+        torch.manual_seed(seed + rank)
+        dataset = instantiate_from_config(config.data)
+        samples = trainer.max_steps * batch_size * trainer.accumulate_grad_batches
+        sampler = ShuffledPassSampler(len(dataset), samples, derive_seed(seed, rank, start_step))
+        per_rank.append(list(DataLoader(dataset, batch_size=batch_size, sampler=sampler))[:micro_batches])
+    model = build_model(config, seed=seed)
+    if i_super is not None:
+        model.i_super.copy_(i_super)
+        model.initialized.fill_(True)
+    for batches in zip(*per_rank):
+        captions = [c for batch in batches for c in batch["caption"]]
+        captions_super = [c for batch in batches for c in batch["caption_super"]]
+        model.update_targets(model.cond_stage_model.tokenize(captions), captions, captions_super)
+    return model.i_super.clone()
+
+
+def test_two_process_ddp_on_cpu(first_run, tmp_path):
+    """Two CPU processes (gloo): one run directory, and both ranks end with the same concept
+    (PerfusionLatentDiffusion.on_train_end all-gathers it and raises if the ranks differ)."""
+    argv = ["--base", str(PERFUSION), str(first_run.config), "-t", "--accelerator", "cpu", "--devices", "2",
+            "--strategy", "ddp", "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 8 = 2 x 2 x 2 device(s)" in result.stdout
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert sorted(p.name for p in (run_dir / "concepts").iterdir()) == ["last.safetensors", "step_000002.safetensors"]
+    concept = load_concept(run_dir / "concepts" / "last.safetensors")
+    assert concept.superclass == "cat"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert len(list((run_dir / "configs").iterdir())) == 1  # rank 1 wrote nothing of its own
+    # The targets are averaged over both ranks' batches (update_targets all-reduces), not rank 0's alone.
+    config = load_config([PERFUSION, first_run.config], ["lightning.trainer.max_steps=3"])
+    assert (concept.i_super - replay_i_super(config, seed=23, ranks=[0, 1])).abs().max() < 1e-5
+    assert (concept.i_super - replay_i_super(config, seed=23, ranks=[0])).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- command line
@@ -259,10 +417,11 @@ def cli_error(argv, capsys) -> str:
     (["max_steps"], "not of the form key=value"),
     (["data.params.data_root=/no/such/folder"], "/no/such/folder"),
     (["data.params.colour=red"], "data: cannot build"),
-    (["model.params.beta=0.7"], "model: cannot build"),
+    (["model.params.colour=red"], "model: cannot build"),
+    (["model.params.placeholder=two words"], "'two words' is 2 CLIP tokens"),
 ])
 def test_bad_overrides_give_one_line_errors(first_run, extra, message, capsys, tmp_path):
-    err = cli_error(["--base", str(TINY), str(first_run.config), "-t", "--logdir", str(tmp_path), *extra], capsys)
+    err = cli_error(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir", str(tmp_path), *extra], capsys)
     assert message in err
     assert not any(tmp_path.iterdir())  # no run directory for a run that could not start
 

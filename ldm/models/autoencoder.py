@@ -3,22 +3,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(pl.LightningModule):
     """Image (B, in_channels, H, W) in [-1, 1] <-> latent (B, embed_dim, H/f, W/f), f = 2**(len(ch_mult)-1).
 
     `ddconfig` holds the Encoder/Decoder arguments (double_z, z_channels, resolution, in_channels,
     out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, dropout). Carries no loss network.
+    Trainable on its own with main.py (the toy world's first stage): L1 reconstruction plus
+    `kl_weight` times the KL to N(0, I) (no perceptual or adversarial loss).
     """
 
-    def __init__(self, ddconfig: Mapping, embed_dim: int):
+    def __init__(self, ddconfig: Mapping, embed_dim: int, learning_rate: float = 1e-3,
+                 kl_weight: float = 1e-6, image_key: str = "image"):
         super().__init__()
+        self.learning_rate, self.kl_weight, self.image_key = learning_rate, kl_weight, image_key
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig double_z=True (the encoder predicts mean and log-variance)")
@@ -51,3 +57,20 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    def training_step(self, batch, batch_idx):
+        x = batch[self.image_key]
+        reconstruction, posterior = self(x)
+        rec = F.l1_loss(reconstruction, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + self.kl_weight * kl
+        self.log_dict({"train/loss": loss, "train/l1": rec, "train/kl": kl}, prog_bar=True, batch_size=len(x))
+        return loss
+
+    @torch.no_grad()
+    def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
+        x = batch[self.image_key][:max_images]
+        return {"inputs": (x + 1) / 2, "reconstructions": ((self(x, sample_posterior=False)[0] + 1) / 2).clamp(0, 1)}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=0.0)

@@ -120,7 +120,9 @@ class ConceptBank:
 
     With gradients disabled (sampling), each layer's output is cached for the last context
     tensor it saw: the encodings of a prompt do not change across denoising steps, so the
-    edited keys and values are computed once per prompt.
+    edited keys and values are computed once per prompt. The samplers pass the same context
+    tensor at every step; `cache = False` recomputes every call (same results, slower).
+    Change the targets or gates through `set` / `set_gates`, which empty the cache.
     """
 
     def __init__(self, pairs: Sequence[tuple[Rank1EditLinear, Rank1EditLinear]], C_inv: torch.Tensor,
@@ -136,6 +138,7 @@ class ConceptBank:
         self.o_key: list[torch.Tensor] = []
         self.o_value: list[torch.Tensor] = []
         self.beta = self.tau = None
+        self.cache = True
         self._cache: dict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @property
@@ -147,18 +150,29 @@ class ConceptBank:
         if len(o_value) != len(self.values):
             raise ValueError(f"concept has {len(o_value)} value outputs, the U-Net has {len(self.values)} "
                              "cross-attention layers (trained on another base model?)")
-        n = i_star.shape[0]
+        self._check_gates(beta, tau, i_star.shape[0])
+        self.i_star = i_star
+        self.o_key = superclass_keys(self.keys, i_super)
+        self.o_value = list(o_value)
+        self.beta, self.tau = beta, tau
+        self._cache.clear()
+
+    def set_gates(self, beta, tau):
+        """New inference-time beta/tau (float or one per active concept) for the same concepts."""
+        if not self.active:
+            raise ValueError("no concepts are active; set them before their gates")
+        self._check_gates(beta, tau, self.i_star.shape[0])
+        self.beta, self.tau = beta, tau
+        self._cache.clear()
+
+    @staticmethod
+    def _check_gates(beta, tau, n: int):
         for name, v in (("beta", beta), ("tau", tau)):
             t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
             if t.numel() not in (1, n):
                 raise ValueError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
             if name == "tau" and (t <= 0).any():
                 raise ValueError(f"tau must be positive, got {t.tolist()}")
-        self.i_star = i_star
-        self.o_key = superclass_keys(self.keys, i_super)
-        self.o_value = list(o_value)
-        self.beta, self.tau = beta, tau
-        self._cache.clear()
 
     def clear(self):
         self.i_star = None
@@ -166,11 +180,13 @@ class ConceptBank:
         self._cache.clear()
 
     def edit(self, layer: Rank1EditLinear, e: torch.Tensor) -> torch.Tensor:
-        use_cache = not torch.is_grad_enabled()
+        use_cache = self.cache and not torch.is_grad_enabled()
         slot = (layer.role, layer.index)
+        # inference-mode tensors keep no version counter: their identity alone is the key
+        version = None if e.is_inference() else e._version
         if use_cache and slot in self._cache:
-            seen, version, out = self._cache[slot]
-            if seen is e and version == e._version:
+            seen, seen_version, out = self._cache[slot]
+            if seen is e and seen_version == version:
                 return out
         x = e
         if self.global_locking:
@@ -180,5 +196,5 @@ class ConceptBank:
         out = gated_rank1_edit(x, layer.weight, self.i_star, targets[layer.index], self.C_inv,
                                self.beta, self.tau, self.exact).to(e.dtype)
         if use_cache:
-            self._cache[slot] = (e, e._version, out)
+            self._cache[slot] = (e, version, out)
         return out

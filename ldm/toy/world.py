@@ -180,11 +180,11 @@ def _shape_mask(shape: str, cx: float, cy: float, d: float, side: int) -> Image.
         draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
     elif shape == "square":
         h = 0.85 * r
-        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=255)
+        _box(draw, cx - h, cy - h, cx + h, cy + h)
     elif shape == "cross":
         arm, w = 0.95 * r, 0.34 * r
-        draw.rectangle((cx - arm, cy - w, cx + arm, cy + w), fill=255)
-        draw.rectangle((cx - w, cy - arm, cx + w, cy + arm), fill=255)
+        _box(draw, cx - arm, cy - w, cx + arm, cy + w)
+        _box(draw, cx - w, cy - arm, cx + w, cy + arm)
     elif shape == "triangle":
         big = 1.15 * r  # circumradius; shifted down so that the bounding box is centred
         shift = big / 4
@@ -202,6 +202,11 @@ def _shape_mask(shape: str, cx: float, cy: float, d: float, side: int) -> Image.
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return img
+
+
+def _box(draw: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
+    """Fill the pixels whose centres lie in [x0, x1) x [y0, y1) (PIL's rectangle includes its end)."""
+    draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), fill=255)
 
 
 @lru_cache(maxsize=32)
@@ -292,7 +297,8 @@ def sample_object(rng: np.random.Generator, position: str, combos: str = "train"
     """An object at `position`; `combos` restricts (colour, shape): 'train' (not HELD_OUT),
     'heldout' (only HELD_OUT) or 'all'. A concept `look` ignores `combos`."""
     size = float(rng.uniform(*geometry.size))
-    offset = (float(rng.uniform(-geometry.jitter, geometry.jitter)), float(rng.uniform(-geometry.jitter, geometry.jitter)))
+    jitter = geometry.jitter
+    offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
     if look != "plain":
         return SceneObject.concept(look, position, size=size, offset=offset)
     pairs = {"train": _TRAIN_PAIRS, "heldout": _HELD_OUT_PAIRS, "all": _ALL_PAIRS}.get(combos)
@@ -330,9 +336,9 @@ def held_out_scenes() -> list[Scene]:
             scenes.append(Scene((SceneObject(shape, colour, position),), backgrounds[(k + j) % len(backgrounds)]))
         for j, pair in enumerate(PAIRED_POSITIONS):
             other_colour, other_shape = _pick(rng, _TRAIN_PAIRS)
-            held = SceneObject(shape, colour, pair[j % 2])
-            other = SceneObject(other_shape, other_colour, pair[1 - j % 2])
-            objects = (held, other) if (k + j) % 2 == 0 else (other, held)
+            held = SceneObject(shape, colour, pair[(k + j) % 2])
+            other = SceneObject(other_shape, other_colour, pair[1 - (k + j) % 2])
+            objects = (held, other) if k % 2 == 0 else (other, held)
             scenes.append(Scene(objects, backgrounds[(k + j + 2) % len(backgrounds)]))
     return scenes
 

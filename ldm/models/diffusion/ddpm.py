@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoint import load_into
 from ldm.util import instantiate_from_config
 
 
@@ -50,6 +51,8 @@ class LatentDiffusion(pl.LightningModule):
         cond_stage_key: str = "caption",
         learning_rate: float = 1.0e-4,
         mask_floor: float = 0.0,
+        cond_stage_trainable: bool = False,
+        first_stage_ckpt: str | None = None,
     ):
         super().__init__()
         if parameterization not in ("eps", "v"):
@@ -69,9 +72,14 @@ class LatentDiffusion(pl.LightningModule):
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if first_stage_ckpt:   # a separately trained autoencoder (the toy world's)
+            load_into(self.first_stage_model, first_stage_ckpt)
+        self.cond_stage_trainable = cond_stage_trainable
         for frozen in (self.first_stage_model, self.cond_stage_model):
             frozen.eval()
             frozen.requires_grad_(False)
+        if cond_stage_trainable:   # pretraining a text encoder from scratch together with the U-Net
+            self.cond_stage_model.requires_grad_(True)
 
         betas = scaled_linear_betas(timesteps, linear_start, linear_end)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -165,7 +173,10 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate)
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        return torch.optim.AdamW(params, lr=self.learning_rate)
 
     # ----------------------------------------------------------------- helpers for samplers
     def predict_eps_and_x0(self, x_t, t, output):

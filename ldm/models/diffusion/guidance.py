@@ -7,21 +7,22 @@ import torch
 class GuidedDenoiser:
     """Calls the latent-diffusion network on `cond` (and `uncond`) and mixes with guidance scale `scale`.
 
-    The conditional and unconditional halves run as one batch. Returns the network's own output
-    type (eps or v); the mixing is linear, so it is valid for both.
+    The conditional and unconditional halves run as one batch. Their context [uncond; cond] is
+    built once, so every step hands the network the same tensor (Perfusion caches its edited
+    keys and values per context tensor). Returns the network's own output type (eps or v);
+    the mixing is linear, so it is valid for both.
     """
 
     def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 1.0):
         if uncond is not None and uncond.shape != cond.shape:
             raise ValueError(f"unconditional encodings {tuple(uncond.shape)} differ from conditional {tuple(cond.shape)}")
-        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+        self.model, self.scale, self.guided = model, float(scale), uncond is not None
+        self.context = torch.cat([uncond, cond]) if self.guided else cond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.uncond is None:
-            return self.model.apply_model(x, t, self.cond)
-        out_u, out_c = self.model.apply_model(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond])
-        ).chunk(2)
+        if not self.guided:
+            return self.model.apply_model(x, t, self.context)
+        out_u, out_c = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), self.context).chunk(2)
         return out_u + self.scale * (out_c - out_u)
 
 

@@ -11,6 +11,7 @@ edited projections receive, including the gate sim(e).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from ldm.covariance import load_covariance
 from ldm.data.templates import fill
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.perfusion import ConceptBank, patch_cross_attention
-from ldm.util import fingerprint_tensors
+from ldm.util import fingerprint_tensors, repo_path
 
 
 class PerfusionLatentDiffusion(LatentDiffusion):
@@ -53,7 +54,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.superclass_ids = superclass_token_ids(tokenizer, superclass)
         if self.placeholder_id in self.superclass_ids:
             raise ValueError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
-        self.covariance_path, self.covariance_captions = covariance_path, covariance_captions
+        self.covariance_path, self.covariance_captions = covariance_path, repo_path(covariance_captions)
         self.covariance_max_captions = covariance_max_captions
         self.beta, self.tau = beta, tau
         self.lr_o_v, self.lr_embedding = lr_o_v, lr_embedding
@@ -136,7 +137,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def superclass_prompt(self, prompt: str) -> str:
         """The prompt with each concept's placeholder replaced by its superclass word (global key-locking)."""
         for placeholder, word in self.superclass_words.items():
-            prompt = prompt.replace(placeholder, word)
+            prompt = word_pattern(placeholder).sub(lambda _: word, prompt)
         return prompt
 
     # ----------------------------------------------------------------- training
@@ -303,6 +304,12 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         heat = torch.stack(maps).mean(0)
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
         return torch.cat([heat, heat ** 2, 1 - heat], dim=1).cpu()   # warm = attended
+
+
+def word_pattern(word: str) -> re.Pattern:
+    """`word` where CLIP's tokenizer can see it as a token: not inside a longer run of letters
+    ("sks" in "a sks, on grass" but not in "asks"); case-insensitive, as the tokenizer lower-cases."""
+    return re.compile(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", re.IGNORECASE)
 
 
 def single_token_id(tokenizer, placeholder: str) -> int:

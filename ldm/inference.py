@@ -1,0 +1,201 @@
+"""Trained Perfusion concepts at inference time: loading several into one model, and prompts naming them.
+
+Each loaded concept gets its own placeholder token, picked from `PLACEHOLDER_TOKENS` at load
+time, so concepts trained with the same placeholder ("*") can be combined in one prompt.
+Prompts name the concepts `{}` (one concept) or `{1}`, `{2}`, ... (in load order);
+`format_prompt` puts the assigned tokens in. Several concepts use Appendix B of Tewel et al.
+(2023): exact (Cholesky/QR projection) or the authors' approximation.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ldm.concepts import Concept, ConceptError, load_concept
+from ldm.models.diffusion.perfusion import word_pattern
+
+# Rare single CLIP tokens (SD1 and SD2 share the BPE vocabulary); each one is checked at load time.
+PLACEHOLDER_TOKENS = ("sks", "ohwx", "nlwx", "rctid", "httr", "shld", "wral", "pafc")
+FINGERPRINT_HINTS = {
+    "unet": "another base checkpoint? pass the --ckpt it was trained from",
+    "text_encoder": "another text encoder or SD version",
+    "covariance": "another covariance: set model.params.covariance_path to the file it was trained with",
+}
+_SLOT = re.compile(r"\{(\d*)\}")
+
+
+@dataclass
+class LoadedConcepts:
+    """What `load_concepts` put into the model, in load order (concept n is `{n+1}` in prompts)."""
+
+    names: list[str]
+    concepts: list[Concept]
+    tokens: list[str]              # the placeholder token assigned to each concept
+    token_ids: list[int]
+    betas: list[float]
+    taus: list[float]
+    global_locking: bool
+    exact: bool
+
+    def describe(self) -> list[dict]:
+        """Per-concept settings, for image metadata."""
+        return [{"file": name, "token": tok, "trained_placeholder": c.placeholder, "superclass": c.superclass,
+                 "beta": b, "tau": t}
+                for name, c, tok, b, t in zip(self.names, self.concepts, self.tokens, self.betas, self.taus)]
+
+
+def per_concept(values: Sequence[float] | float, n: int, name: str) -> list[float]:
+    """One value for all `n` concepts, or exactly one per concept."""
+    values = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} concepts; give one value or one per concept")
+    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+        raise ValueError(f"{name} values must be finite numbers, got {values}")
+    if name == "tau" and any(v <= 0 for v in values):
+        raise ValueError(f"tau must be > 0 (it divides the gate's input), got {values}")
+    return values
+
+
+def check_fingerprints(model, concepts: Sequence[Concept], names: Sequence[str]) -> None:
+    """Refuse concepts trained on another U-Net, text encoder or covariance than `model` has."""
+    model.ensure_covariance()
+    mine = model.fingerprints()
+    for name, concept in zip(names, concepts):
+        for part, value in mine.items():
+            theirs = concept.fingerprints.get(part) or "none"
+            if theirs != value:
+                raise ConceptError(f"{name}: trained with {part} fingerprint {theirs}, but this model's is "
+                                   f"{value} ({FINGERPRINT_HINTS[part]})")
+
+
+def _check_shapes(model, concept: Concept, name: str) -> None:
+    bank = model.bank
+    width = model.cond_stage_model.token_embedding.weight.shape[1]
+    d_ctx = bank.values[0].in_features
+    outs = [v.out_features for v in bank.values]
+    found = (concept.embedding.shape, concept.i_star.shape, concept.i_super.shape,
+             [tuple(v.shape) for v in concept.o_star_v])
+    if found != ((width,), (d_ctx,), (d_ctx,), [(d,) for d in outs]):
+        raise ConceptError(f"{name}: tensor shapes do not fit this model (embedding {tuple(found[0])}, i* "
+                           f"{tuple(found[1])}, {len(found[3])} value outputs; expected ({width},), ({d_ctx},), "
+                           f"{len(outs)})")
+
+
+def _check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: torch.Tensor) -> None:
+    """Appendix B's projection needs linearly independent i*: refuse (near-)duplicates."""
+    I = torch.stack([c.i_star for c in concepts]).double()
+    G = I @ C_inv.double().cpu() @ I.T
+    d = G.diagonal().sqrt()
+    corr = G / (d[:, None] * d[None, :])
+    for a in range(len(concepts)):
+        for b in range(a + 1, len(concepts)):
+            if corr[a, b].abs() > 1 - 1e-6:
+                raise ConceptError(f"{names[a]} and {names[b]} have the same target input i* "
+                                   "(the same concept loaded twice?); load each concept once")
+
+
+def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
+    tokens = list(PLACEHOLDER_TOKENS[:n])
+    ids = []
+    for token in tokens:
+        encoded = tokenizer.encode(token)
+        if len(encoded) != 1:
+            raise ValueError(f"placeholder token {token!r} is not a single token of this tokenizer")
+        ids.append(encoded[0])
+    return tokens, ids
+
+
+def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
+                  global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None
+                  ) -> LoadedConcepts:
+    """Load concept files (or Concept objects) into a PerfusionLatentDiffusion for sampling.
+
+    Replaces whatever was loaded before. `betas`/`taus`: one value or one per concept.
+    `global_locking`: keys see the prompt with each concept's superclass word (Sec. 4 of the paper).
+    `exact`: Appendix B's exact projection for several concepts (else the approximation).
+    """
+    if not hasattr(model, "bank"):
+        raise ValueError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
+                         "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
+    if names is None:
+        names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
+    n = len(concepts)
+    if not 1 <= n <= len(PLACEHOLDER_TOKENS):
+        raise ValueError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
+    betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
+    loaded = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
+    check_fingerprints(model, loaded, names)
+    for concept, name in zip(loaded, names):
+        _check_shapes(model, concept, name)
+    if exact and n > 1:
+        _check_independent(loaded, names, model.bank.C_inv)
+    tokens, ids = placeholder_tokens(model.cond_stage_model.tokenizer, n)
+
+    unload_concepts(model)
+    device = model.bank.C_inv.device
+    embed_dtype = model.cond_stage_model.token_embedding.weight.dtype
+    model.placeholder_rows = {i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)}
+    model.superclass_words = {tok: c.superclass for tok, c in zip(tokens, loaded)}
+    bank = model.bank
+    bank.global_locking, bank.exact = global_locking, exact
+    i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
+    i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
+    o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
+               for layer in range(len(bank.values))]
+    bank.set(i_star, i_super, o_value, betas, taus)
+    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking, exact)
+
+
+def set_gates(model, loaded: LoadedConcepts, betas, taus) -> None:
+    """Change beta/tau of the loaded concepts (no reloading)."""
+    n = len(loaded.concepts)
+    loaded.betas, loaded.taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
+    model.bank.set_gates(loaded.betas, loaded.taus)
+
+
+def unload_concepts(model) -> None:
+    """Back to the base model: outputs are then bit-identical to a plain LatentDiffusion's."""
+    model.bank.clear()
+    model.bank.global_locking = False
+    model.placeholder_rows = {}
+    model.superclass_words = {model.placeholder: model.superclass}
+
+
+def format_prompt(template: str, tokens: Sequence[str]) -> str:
+    """Replace `{}` (one concept) or `{1}`, `{2}`, ... (1-based, load order) by the assigned tokens."""
+    n = len(tokens)
+    slots = _SLOT.findall(template)
+    if "" in slots and len(slots) > slots.count(""):
+        raise ValueError(f"prompt {template!r} mixes '{{}}' with numbered placeholders; use {{1}}, {{2}}, ...")
+    if "" in slots and n != 1:
+        raise ValueError(f"prompt {template!r} uses '{{}}' but {n} concepts are loaded; name them {{1}}..{{{n}}}")
+    for slot in slots:
+        if slot and not 1 <= int(slot) <= n:
+            raise ValueError(f"prompt {template!r} names {{{slot}}} but {n} concept{'s are' if n != 1 else ' is'} "
+                             f"loaded ({{1}}..{{{n}}})")
+    for token in tokens:
+        if word_pattern(token).search(template):
+            raise ValueError(f"prompt {template!r} contains {token!r}, a word reserved for the concepts' placeholders")
+    return _SLOT.sub(lambda m: tokens[int(m.group(1) or 1) - 1], template)
+
+
+def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts, max_tokens: int) -> str:
+    """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own."""
+    prompt = format_prompt(template, loaded.tokens)
+    ids = tokenizer.encode(prompt)
+    slots = [int(s or 1) for s in _SLOT.findall(template)]
+    for n, (token, token_id) in enumerate(zip(loaded.tokens, loaded.token_ids), start=1):
+        wanted = slots.count(n)
+        if ids.count(token_id) != wanted or len(word_pattern(token).findall(prompt)) != wanted:
+            raise ValueError(f"in prompt {template!r} placeholder {{{n}}} merges with the characters next to it; "
+                             "put spaces or punctuation around each placeholder")
+        if ids[:max_tokens].count(token_id) != wanted:
+            raise ValueError(f"prompt {template!r} is {len(ids)} tokens; placeholder {{{n}}} falls beyond the text "
+                             f"encoder's limit of {max_tokens}")
+    return prompt

@@ -1,0 +1,115 @@
+"""Pretrain the toy world's base model with this project's own main.py, in one command.
+
+    python -m ldm.toy.pretrain --out ckpt/toy
+
+1. the KL autoencoder (configs/toy/autoencoder.yaml) -> <logdir>/toy-autoencoder.safetensors
+2. the text-to-image LatentDiffusion with its CLIP-architecture text encoder trained from
+   scratch (configs/toy/ldm.yaml) -> <out>/toy-ldm.safetensors (CompVis names, float16)
+3. the text encoder's covariance over 20k fresh toy captions (data/estimate_covariance.py)
+   -> <out>/covariance.safetensors
+
+Extra `key=value` arguments are passed to both training runs (e.g. lightning.trainer.max_steps=10
+for a smoke test). Runs go to --logdir as usual (TensorBoard shows them).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ldm.util import atomic_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def save_weights(module: torch.nn.Module, path: Path, dtype=torch.float16) -> Path:
+    """A module's state dict as safetensors; floating tensors stored as `dtype` (loading casts back)."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "toy-ldm"})
+    return path
+
+
+@torch.no_grad()
+def normalize_latent_scale(vae, images: torch.Tensor) -> float:
+    """Rescale the autoencoder's latent space to unit standard deviation, exactly.
+
+    SD keeps a `scale_factor` (0.18215) beside its autoencoder; here the factor is folded into the
+    weights instead: the posterior mean is multiplied by s = 1/std (quant_conv's mean rows, and
+    log-variance + 2 log s), and post_quant_conv divides by s, so decode(encode(x)) is unchanged
+    and the diffusion model sees latents of unit scale with scale_factor 1."""
+    vae.eval()
+    s = 1.0 / float(vae.encode(images).mode().std())
+    e = vae.embed_dim
+    vae.quant_conv.weight[:e] *= s
+    vae.quant_conv.bias[:e] *= s
+    vae.quant_conv.bias[e:] += 2 * torch.log(torch.tensor(s))
+    vae.post_quant_conv.weight /= s
+    return s
+
+
+def _train(config: Path, name: str, logdir: str, overrides: list[str]):
+    import main
+
+    trainer = main.run(["--base", str(config), "-t", "--name", name, "--logdir", logdir, *overrides])
+    return trainer.lightning_module
+
+
+def pretrain(out: Path, logdir: str, overrides: list[str], captions: int) -> dict[str, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t0 = time.perf_counter()
+    vae = _train(ROOT / "configs/toy/autoencoder.yaml", "toy-autoencoder", logdir, overrides)
+    from ldm.toy.dataset import ToyCaptionDataset
+
+    sample = ToyCaptionDataset(512, seed=4)
+    scale = normalize_latent_scale(vae, torch.stack([sample[i]["image"] for i in range(512)]))
+    print(f"latent scale folded into the autoencoder: x{scale:.4f}")
+    vae_path = save_weights(vae, Path(logdir) / "toy-autoencoder.safetensors", dtype=torch.float32)
+    times["autoencoder"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ldm = _train(ROOT / "configs/toy/ldm.yaml", "toy-ldm", logdir,
+                 [f"model.params.first_stage_ckpt={vae_path}", *overrides])
+    ldm_path = save_weights(ldm, out / "toy-ldm.safetensors")
+    times["ldm"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from data.estimate_covariance import main as estimate
+    from ldm.toy.dataset import ToyCaptionDataset
+
+    # The toy text encoder only knows the toy grammar, so C comes from toy captions (unseen seed).
+    caption_file = Path(logdir) / "toy-captions.txt"
+    world = ToyCaptionDataset(captions, seed=3)
+    caption_file.write_text("".join(world[i]["caption"] + "\n" for i in range(captions)))
+    code = estimate(["--config", str(ROOT / "configs/toy/ldm.yaml"), "--ckpt", str(ldm_path),
+                     "--captions", str(caption_file), "--out", str(out / "covariance.safetensors")])
+    if code:
+        raise SystemExit(code)
+    times["covariance"] = time.perf_counter() - t0
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="ckpt/toy", help="where the weights go")
+    p.add_argument("--logdir", default="logs", help="where the training runs go")
+    p.add_argument("--covariance_captions", type=int, default=20000)
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both training runs")
+    args = p.parse_args(argv)
+    times = pretrain(Path(args.out), args.logdir, args.overrides, args.covariance_captions)
+    total = sum(times.values())
+    print("pretraining time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + f", total {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from ldm.cli import run_cli
+
+    run_cli(main)

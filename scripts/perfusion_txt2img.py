@@ -1,0 +1,209 @@
+r"""Sample images with one or several trained Perfusion concepts.
+
+    python scripts/perfusion_txt2img.py --config configs/perfusion_teddy.yaml \
+        --ckpt ckpt/v1-5-pruned-emaonly.ckpt --personalized_ckpt teddy.safetensors,cat.safetensors \
+        --prompt "a photo of a {1} and a {2}" --beta 0.7,0.6 --tau 0.15 --steps 50 --scale 6 \
+        --n_samples 4 --n_iter 1 --seed 42 --outdir outputs/
+
+The prompt names concepts `{}` (one concept) or `{1}`, `{2}`, ... in the order of
+--personalized_ckpt. Each concept gets its own placeholder token when it is loaded, so
+concepts trained with the same placeholder combine. Lower beta shows more of a concept.
+--beta_sweep 0.4:0.8:5 renders the same seeds at 5 beta values as one labelled grid.
+Without --ckpt (and no model.ckpt in the config) the model has seeded random weights (tiny configs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ldm.build import ConfigError, build_model, load_config  # noqa: E402
+from ldm.cli import run_cli  # noqa: E402
+from ldm.concepts import load_concept  # noqa: E402
+from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, per_concept,  # noqa: E402
+                           prepare_prompt, set_gates)
+from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
+from ldm.outputs import save_grid, save_labelled_grid, save_samples  # noqa: E402
+from ldm.sample import PRECISIONS, SAMPLERS, generate, latent_shape  # noqa: E402
+from ldm.util import get_obj_from_str  # noqa: E402
+
+DEFAULT_BETA = {False: 0.7, True: 0.5}   # public defaults: local key-locking 0.6-0.75, global 0.4-0.6
+DEFAULT_TAU = 0.15
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the Perfusion model YAML the concepts were trained with")
+    p.add_argument("--ckpt", default=None, help="base SD checkpoint (default: the config's model.ckpt)")
+    p.add_argument("--use_ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
+    p.add_argument("--personalized_ckpt", required=True, help="concept file(s), comma-separated: a.safetensors,b.safetensors")
+    p.add_argument("--prompt", default=None, help='e.g. "a photo of a {}" or "a {1} next to a {2}"')
+    p.add_argument("--from-file", dest="from_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--beta", default=None, help="gate bias, one value or one per concept "
+                   f"(default {DEFAULT_BETA[False]}, with --global_locking {DEFAULT_BETA[True]})")
+    p.add_argument("--tau", default=str(DEFAULT_TAU), help="gate temperature > 0, one value or one per concept")
+    p.add_argument("--beta_sweep", default=None, metavar="START:STOP:COUNT",
+                   help="render each seed at COUNT evenly spaced betas (all concepts) as one labelled grid")
+    p.add_argument("--global_locking", action="store_true",
+                   help="keys see the whole prompt with each concept's superclass word")
+    multi = p.add_mutually_exclusive_group()
+    multi.add_argument("--exact_multi", dest="exact", action="store_true", default=True,
+                       help="several concepts: exact Appendix B projection (default)")
+    multi.add_argument("--approx_multi", dest="exact", action="store_false",
+                       help="several concepts: the cheaper approximation W e - sum_n sim_n(e) W i*_n")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scale", type=float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--H", type=int, default=None, help="image height (default: the config's)")
+    p.add_argument("--W", type=int, default=None, help="image width (default: the config's)")
+    p.add_argument("--n_samples", type=int, default=4, help="images per batch")
+    p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    p.add_argument("--seed", type=int, default=42, help="batch k of the run uses seed + k")
+    p.add_argument("--fixed_code", action="store_true", help="every batch starts from the same noise (from --seed)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--outdir", default="outputs/perfusion")
+    return p
+
+
+def numbers(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)")
+
+
+def sweep_values(text: str) -> list[float]:
+    parts = text.split(":")
+    try:
+        start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"--beta_sweep {text!r} must be START:STOP:COUNT, e.g. 0.4:0.8:5")
+    if count < 2:
+        raise ValueError(f"--beta_sweep {text!r}: COUNT must be at least 2")
+    return [round(v, 6) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist()]
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None and args.from_file is not None:
+        raise ValueError("give --prompt or --from-file, not both")
+    if args.from_file is not None:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--from-file {path}: no such file")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--from-file {path}: no prompts in it (one per line)")
+        return prompts
+    if args.prompt is None:
+        raise ValueError('no prompt: pass --prompt "a photo of a {}" or --from-file FILE')
+    return [args.prompt]
+
+
+def check_args(args):
+    """Everything that can be checked without building the model: fail fast, one line."""
+    paths = [p.strip() for p in args.personalized_ckpt.split(",")]
+    if any(not p for p in paths):
+        raise ValueError(f"--personalized_ckpt {args.personalized_ckpt!r} has an empty entry")
+    n = len(paths)
+    if n > len(PLACEHOLDER_TOKENS):
+        raise ValueError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
+    betas = per_concept(numbers(args.beta, "--beta") if args.beta else DEFAULT_BETA[args.global_locking], n, "beta")
+    taus = per_concept(numbers(args.tau, "--tau"), n, "tau")
+    sweep = sweep_values(args.beta_sweep) if args.beta_sweep else None
+    for flag in ("steps", "n_samples", "n_iter"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    prompts = read_prompts(args)
+    for template in prompts + [args.negative_prompt]:
+        format_prompt(template, PLACEHOLDER_TOKENS[:n])
+    return paths, betas, taus, sweep, prompts
+
+
+def build(args):
+    config = load_config([args.config])
+    target = config.model.get("target", "")
+    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
+
+    cls = get_obj_from_str(target)
+    if not (isinstance(cls, type) and issubclass(cls, PerfusionLatentDiffusion)):
+        raise ConfigError(f"{args.config}: model.target is {target}, not a Perfusion model; pass the config the "
+                          "concepts were trained with (e.g. configs/perfusion_teddy.yaml)")
+    ckpt = args.ckpt or config.model.get("ckpt")
+    seed = int(config.get("lightning", {}).get("seed", 23))
+    if ckpt is None:
+        print(f"note: no --ckpt and no model.ckpt: {args.config} runs with random weights seeded with {seed} "
+              "(lightning.seed, as in training)", file=sys.stderr)
+    return build_model(config, ckpt, use_ema=args.use_ema, device=args.device, seed=seed), ckpt, seed
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    paths, betas, taus, sweep, prompts = check_args(args)
+    concepts = [load_concept(p) for p in paths]
+    model, ckpt, weights_seed = build(args)
+    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths)
+    tokenizer = model.cond_stage_model.tokenizer
+    max_tokens = model.cond_stage_model.max_length - 2
+    side = model.image_size * model.first_stage_model.downsample_factor
+    height, width = args.H or side, args.W or side
+    shape = latent_shape(model, args.n_samples, height, width)
+    negative = prepare_prompt(tokenizer, args.negative_prompt, loaded, max_tokens)
+    fixed = initial_noise(shape, model.device, make_generator(args.seed, model.device)) if args.fixed_code else None
+    settings = {
+        "config": args.config, "ckpt": ckpt, "use_ema": args.use_ema, "negative_prompt": args.negative_prompt,
+        "global_locking": args.global_locking, "multi_concept": "exact" if args.exact else "approx",
+        "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "H": height, "W": width,
+        "n_samples": args.n_samples, "n_iter": args.n_iter, "fixed_code": args.fixed_code, "precision": args.precision,
+    }
+    if ckpt is None:
+        settings["random_weights_seed"] = weights_seed
+    if args.sampler == "ddim":
+        settings["ddim_eta"] = args.ddim_eta
+    written, grids, batch = [], [], 0
+    for template in prompts:
+        prompt = prepare_prompt(tokenizer, template, loaded, max_tokens)
+        columns = sweep or [None]
+        rows, metas = [], []
+        for _ in range(args.n_iter):
+            seed = args.seed + batch
+            batch += 1
+            for beta in columns:
+                if beta is not None:
+                    set_gates(model, loaded, beta, loaded.taus)
+                images = generate(model, [prompt] * args.n_samples, negative, args.sampler, args.steps, args.scale,
+                                  args.ddim_eta, height, width, seed, x_T=fixed, precision=args.precision)
+                meta = dict(settings, prompt_template=template, prompt=prompt, seed=seed,
+                            concepts=loaded.describe())
+                rows.append(images)
+                metas.extend(dict(meta, index_in_batch=i) for i in range(len(images)))
+        images = torch.cat(rows)
+        paths_out = save_samples(images, args.outdir, metas)
+        written += paths_out
+        grid_meta = dict(settings, prompt_template=template, prompt=prompt, seeds=[args.seed + b for b in
+                         range(batch - args.n_iter, batch)], concepts=loaded.describe())
+        if sweep is None:
+            grids.append(save_grid(images, Path(args.outdir) / f"grid-{paths_out[0].stem}.png",
+                                   nrow=args.n_samples, metadata=grid_meta))
+        else:
+            # rows: (iteration, beta) blocks of n_samples images -> one row per sample, one column per beta
+            k = len(sweep)
+            order = images.view(args.n_iter, k, args.n_samples, *images.shape[1:]).transpose(1, 2).flatten(0, 2)
+            grid_meta.update(beta_sweep=sweep, concepts=[dict(c, beta=sweep) for c in loaded.describe()])
+            grids.append(save_labelled_grid(order, Path(args.outdir) / f"beta-sweep-{paths_out[0].stem}.png",
+                                            [f"beta {b:g}" for b in sweep], metadata=grid_meta))
+    print(f"wrote {len(written)} samples to {written[0].parent} and {len(grids)} grid"
+          f"{'s' if len(grids) != 1 else ''}: {', '.join(str(g) for g in grids)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,271 @@
+"""Sampling with loaded Perfusion concepts: Appendix B, base identity, caching, global locking, bad input."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+import ldm.modules.perfusion as perfusion_edit
+from ldm.concepts import ConceptError, save_concept
+from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, prepare_prompt, set_gates,
+                           unload_concepts)
+from ldm.modules.tokenizer import CLIPTokenizer
+from ldm.sample import generate
+from tests.concept_files import concept_file, shared_model, trained_concept
+
+PROMPT2 = "a photo of a {1} and a {2}"
+SAMPLE = dict(steps=3, scale=4.0, height=32, width=32, seed=5)
+
+
+@pytest.fixture
+def model():
+    m = shared_model()
+    yield m
+    unload_concepts(m)
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return trained_concept("cat", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dog():
+    return trained_concept("dog", seed=1)
+
+
+def _sigmoid(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def _appendix_b(e, W, I, O, C_inv, betas, taus, exact=True):
+    """Several concepts computed directly in float64 (Appendix B): oblique projection
+    P = I^T (I C^-1 I^T)^-1 I C^-1 removed from e, plus the sum of the gated targets."""
+    e, W, I, O, C_inv = (t.double() for t in (e, W, I, O, C_inv))
+    betas, taus = torch.tensor(betas, dtype=torch.float64), torch.tensor(taus, dtype=torch.float64)
+    sims = (e @ C_inv @ I.T) / torch.einsum("nd,de,ne->n", I, C_inv, I)
+    if exact:
+        P = I.T @ torch.linalg.inv(I @ C_inv @ I.T) @ I @ C_inv
+        base = (e - e @ P.T) @ W.T
+    else:
+        base = e @ W.T - sims @ (I @ W.T)
+    return base + _sigmoid((sims - betas) / taus) @ O
+
+
+def test_placeholder_tokens_are_single_tokens_for_sd1_and_sd2():
+    for tokenizer in (CLIPTokenizer(pad_with_eot=True), CLIPTokenizer(pad_with_eot=False)):
+        ids = [tokenizer.encode(t) for t in PLACEHOLDER_TOKENS]
+        assert all(len(i) == 1 for i in ids)
+        assert len({i[0] for i in ids}) == len(PLACEHOLDER_TOKENS)
+
+
+def test_format_prompt():
+    assert format_prompt("a photo of a {}", ["sks"]) == "a photo of a sks"
+    assert format_prompt("a {1} and a {2}, {1} again", ["sks", "ohwx"]) == "a sks and a ohwx, sks again"
+    assert format_prompt("a {1} that asks for food", ["sks"]) == "a sks that asks for food"
+    assert format_prompt("no concept here", ["sks", "ohwx"]) == "no concept here"
+    with pytest.raises(ValueError, match=r"names \{3\} but 2 concepts are loaded"):
+        format_prompt("a {1} and a {3}", ["sks", "ohwx"])
+    with pytest.raises(ValueError, match=r"uses '\{\}' but 2 concepts are loaded"):
+        format_prompt("a photo of a {}", ["sks", "ohwx"])
+    with pytest.raises(ValueError, match="mixes"):
+        format_prompt("a {} and a {1}", ["sks"])
+    with pytest.raises(ValueError, match="reserved"):
+        format_prompt("a Sks photo of a {}", ["sks"])
+
+
+def test_prepare_prompt(model, cat):
+    loaded = load_concepts(model, [cat], 0.7, 0.15)
+    tokenizer = model.cond_stage_model.tokenizer
+    assert prepare_prompt(tokenizer, "a {}, on grass", loaded, 75) == "a sks, on grass"
+    assert prepare_prompt(tokenizer, "a {}2 on grass", loaded, 75) == "a sks2 on grass"
+    with pytest.raises(ValueError, match=r"placeholder \{1\} merges with the characters next to it"):
+        prepare_prompt(tokenizer, "a {}s on grass", loaded, 75)
+    with pytest.raises(ValueError, match="falls beyond the text encoder's limit of 75"):
+        prepare_prompt(tokenizer, "a cat " * 40 + "and a {}", loaded, 75)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact):
+    betas, taus = [0.55, 0.7], [0.1, 0.2]
+    loaded = load_concepts(model, [cat, dog], betas, taus, exact=exact)
+    I = torch.stack([cat.i_star, dog.i_star])
+    I_super = torch.stack([cat.i_super, dog.i_super])
+    C_inv = model.bank.C_inv
+
+    def direct(layer, x):
+        W = layer.weight
+        O = I_super.double() @ W.T.double() if layer.role == "key" else \
+            torch.stack([cat.o_star_v[layer.index], dog.o_star_v[layer.index]])
+        return _appendix_b(x, W, I, O, C_inv, betas, taus, exact)
+
+    # The whole U-Net in float64 (a copy): the patched projections against the formula put in their place.
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        e = m64.get_learned_conditioning([format_prompt(PROMPT2, loaded.tokens), "a dog"])
+        for layer in (m64.bank.values[3], m64.bank.keys[0]):
+            assert torch.allclose(layer(e), direct(layer, e), atol=1e-6)   # float64; o*_K was made in float32
+        x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).double(), torch.tensor([50, 700])
+        out = m64.apply_model(x, t, e)
+        layers = m64.bank.keys + m64.bank.values
+        for layer in layers:
+            layer.forward = (lambda lay: lambda x: direct(lay, x))(layer)
+        reference = m64.apply_model(x, t, e)
+        for layer in layers:
+            del layer.forward
+        m64.bank.clear()
+        assert (out - m64.apply_model(x, t, e)).abs().max() > 1e-3    # the edit did something
+        # float32 (the model as it samples): same up to float32 rounding (C^-1 is ill-conditioned here)
+        layer = model.bank.values[3]
+        assert torch.allclose(layer(e.float()).double(), direct(layer, e), atol=2e-2)
+    assert torch.allclose(out, reference, atol=1e-5), (out - reference).abs().max()
+
+
+def test_no_concept_is_bit_identical_to_base(model, tiny_v1, cat, dog):
+    prompts = ["a photo of a cat", "a dog on the beach"]
+    base = generate(tiny_v1, prompts, **SAMPLE)
+    assert torch.equal(generate(model, prompts, **SAMPLE), base)
+    load_concepts(model, [cat, dog], 0.6, 0.15, global_locking=True)
+    assert not torch.equal(generate(model, prompts, **SAMPLE), base)
+    unload_concepts(model)
+    assert model.placeholder_rows == {} and not model.bank.active and not model.bank.global_locking
+    assert torch.equal(generate(model, prompts, **SAMPLE), base)
+
+
+@pytest.mark.parametrize("sampler,global_locking", [("ddim", False), ("euler", True)])
+def test_cached_equals_uncached(model, cat, dog, monkeypatch, sampler, global_locking):
+    loaded = load_concepts(model, [cat, dog], [0.6, 0.7], 0.15, global_locking=global_locking)
+    prompts = [format_prompt(PROMPT2, loaded.tokens)] * 2
+    calls = []
+    edit = perfusion_edit.gated_rank1_edit
+    monkeypatch.setattr(perfusion_edit, "gated_rank1_edit", lambda *a, **k: calls.append(1) or edit(*a, **k))
+    steps = 4
+    cached = generate(model, prompts, sampler=sampler, **dict(SAMPLE, steps=steps))
+    assert len(calls) == 2 * 7            # keys and values of 7 layers, once for the whole sampling
+    calls.clear()
+    model.bank.cache = False
+    try:
+        uncached = generate(model, prompts, sampler=sampler, **dict(SAMPLE, steps=steps))
+    finally:
+        model.bank.cache = True
+    assert len(calls) == 2 * 7 * steps     # ... and once per step without the cache
+    assert torch.equal(cached, uncached)
+    calls.clear()
+    with torch.inference_mode():           # tensors without a version counter: cached by identity
+        assert torch.equal(generate(model, prompts, sampler=sampler, **dict(SAMPLE, steps=steps)), cached)
+    assert len(calls) == 2 * 7
+
+
+def test_new_gates_or_prompt_do_not_reuse_stale_cache(model, cat):
+    loaded = load_concepts(model, [cat], 0.5, 0.15)
+    prompt = [format_prompt("a photo of a {}", loaded.tokens)]
+    low = generate(model, prompt, **SAMPLE)
+    set_gates(model, loaded, 0.9, 0.15)
+    high = generate(model, prompt, **SAMPLE)
+    model.bank.cache = False
+    try:
+        assert torch.equal(high, generate(model, prompt, **SAMPLE))
+        set_gates(model, loaded, 0.5, 0.15)
+        assert torch.equal(low, generate(model, prompt, **SAMPLE))
+    finally:
+        model.bank.cache = True
+    assert not torch.equal(low, high)
+
+
+def test_two_concepts_with_the_same_placeholder_both_act(model, cat, dog):
+    assert cat.placeholder == dog.placeholder == "*"
+    loaded = load_concepts(model, [cat, dog], 0.6, 0.15)
+    prompt = format_prompt(PROMPT2, loaded.tokens)
+    tokens = model.cond_stage_model.tokenize([prompt])[0]
+    a, b = loaded.token_ids
+    assert a != b and (tokens == a).sum() == 1 and (tokens == b).sum() == 1
+    embeds = model.embed_tokens(tokens[None], model.placeholder_rows)[0]
+    assert torch.equal(embeds[tokens == a][0], cat.embedding) and torch.equal(embeds[tokens == b][0], dog.embedding)
+    both = generate(model, [prompt], **SAMPLE)
+    # Only the cat loaded, the dog concept replaced by its superclass word; and the other way round.
+    only_cat = load_concepts(model, [cat], 0.6, 0.15)
+    cat_alone = generate(model, [format_prompt("a photo of a {} and a dog", only_cat.tokens)], **SAMPLE)
+    only_dog = load_concepts(model, [dog], 0.6, 0.15)
+    dog_alone = generate(model, [format_prompt("a photo of a cat and a {}", only_dog.tokens)], **SAMPLE)
+    unload_concepts(model)
+    neither = generate(model, ["a photo of a cat and a dog"], **SAMPLE)
+    for other in (cat_alone, dog_alone, neither):
+        assert (both - other).abs().max() > 1e-4
+    assert (cat_alone - dog_alone).abs().max() > 1e-4
+
+
+def test_global_locking_keys_see_the_superclass_prompt(model, cat, dog):
+    betas, taus = [0.5, 0.6], [0.15, 0.2]
+    loaded = load_concepts(model, [cat, dog], betas, taus, global_locking=True)
+    prompt = format_prompt(PROMPT2, loaded.tokens)
+    m64 = copy.deepcopy(model).double()   # float64, so that the comparison is not about float32 rounding
+    encoder = m64.cond_stage_model
+    with torch.no_grad():
+        context = m64.get_learned_conditioning([prompt])
+        concept_enc = encoder.encode_embeddings(encoder.tokenize([prompt]),
+                                                m64.embed_tokens(encoder.tokenize([prompt]), m64.placeholder_rows))
+        super_enc = encoder.encode(["a photo of a cat and a dog"])
+        assert context.shape == (1, 2 * 77, 64)
+        assert torch.equal(context[:, :77], concept_enc) and torch.equal(context[:, 77:], super_enc)
+        assert m64.get_learned_conditioning([""]).shape == (1, 2 * 77, 64)   # the unconditional half too
+        seen = {}
+        hooks = [layer.register_forward_hook(lambda mod, inp, out: seen.setdefault((mod.role, mod.index), out))
+                 for layer in m64.bank.keys + m64.bank.values]
+        try:
+            m64.apply_model(torch.randn(1, 4, 16, 16, dtype=torch.float64), torch.tensor([300]), context)
+        finally:
+            for h in hooks:
+                h.remove()
+    I = torch.stack([cat.i_star, dog.i_star])
+    for index in (0, 6):
+        W_k, W_v = m64.bank.keys[index].weight, m64.bank.values[index].weight
+        o_key = torch.stack([cat.i_super, dog.i_super]).double() @ W_k.T.double()
+        o_value = torch.stack([cat.o_star_v[index], dog.o_star_v[index]])
+        expected_k = _appendix_b(super_enc, W_k, I, o_key, model.bank.C_inv, betas, taus)
+        expected_v = _appendix_b(concept_enc, W_v, I, o_value, model.bank.C_inv, betas, taus)
+        assert seen[("key", index)].shape == (1, 77, W_k.shape[0])
+        assert torch.allclose(seen[("key", index)], expected_k, atol=1e-6)
+        assert torch.allclose(seen[("value", index)], expected_v, atol=1e-6)
+        assert not torch.allclose(seen[("key", index)], _appendix_b(concept_enc, W_k, I, o_key, model.bank.C_inv,
+                                                                     betas, taus), atol=1e-2)
+    images = generate(model, [prompt], negative_prompt="blurry", **SAMPLE)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "covariance"])
+def test_concept_from_another_model_is_refused(model, cat, tmp_path, part):
+    path = tmp_path / f"other-{part}.safetensors"
+    save_concept(path, replace(cat, fingerprints={**cat.fingerprints, part: "0123456789abcdef"}))
+    mine = model.fingerprints()[part]
+    with pytest.raises(ConceptError, match=f"other-{part}.safetensors: trained with {part} fingerprint "
+                                           f"0123456789abcdef, but this model's is {mine}"):
+        load_concepts(model, [concept_file("cat", 0), path])
+    assert not model.bank.active   # nothing half-loaded
+
+
+def test_bad_gates_and_duplicates(model, cat, dog):
+    with pytest.raises(ValueError, match="beta has 3 values for 2 concepts"):
+        load_concepts(model, [cat, dog], [0.5, 0.6, 0.7], 0.15)
+    with pytest.raises(ValueError, match="tau has 2 values for 1 concepts"):
+        load_concepts(model, [cat], 0.5, [0.1, 0.2])
+    for tau in (0.0, -0.1):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            load_concepts(model, [cat, dog], 0.5, [0.1, tau])
+    with pytest.raises(ConceptError, match="the same concept loaded twice"):
+        load_concepts(model, [cat, cat], 0.5, 0.1, names=["a.safetensors", "b.safetensors"])
+    with pytest.raises(ValueError, match="9 concepts given"):
+        load_concepts(model, [cat] * 9)
+    assert not model.bank.active
+
+
+def test_missing_or_corrupt_concept_file_and_base_model(model, tiny_v1, tmp_path):
+    with pytest.raises(ConceptError, match="nope.safetensors: no such concept file"):
+        load_concepts(model, [tmp_path / "nope.safetensors"])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(concept_file("cat", 0).read_bytes()[:100])
+    with pytest.raises(ConceptError, match="bad.safetensors: not a readable safetensors concept file"):
+        load_concepts(model, [bad])
+    with pytest.raises(ValueError, match="LatentDiffusion cannot take Perfusion concepts"):
+        load_concepts(tiny_v1, [concept_file("cat", 0)])

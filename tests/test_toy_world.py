@@ -1,0 +1,227 @@
+"""The toy world: generator, captions, splits, concept folders, pretraining dataset and scorer."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from ldm.data.personalized import PersonalizedDataset
+from ldm.toy.dataset import ToyCaptionDataset
+from ldm.toy.eval_scorer import _scenes, wrong_requests
+from ldm.toy.make_concepts import concept_scenes, write_concepts
+from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
+from ldm.toy.train_scorer import degrade, render_set
+from ldm.toy.world import (COLOURS, CONCEPTS, HELD_OUT, SHAPES, Scene, SceneObject, caption,
+                           contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
+                           sample_scene)
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPT_DIR = ROOT / "data/toy/concepts"
+SCORER = ROOT / "ckpt/toy/scorer.safetensors"
+
+
+def test_render_is_deterministic_and_seeded():
+    scenes = [sample_scene(np.random.default_rng([7, i])) for i in range(20)]
+    again = [sample_scene(np.random.default_rng([7, i])) for i in range(20)]
+    assert scenes == again
+    first = [render(s)[0].tobytes() for s in scenes]
+    assert first == [render(s)[0].tobytes() for s in again]
+    assert len(set(first)) == len(first)  # different seeds draw different images
+    data = ToyCaptionDataset(50, seed=3)
+    a, b = data[17], ToyCaptionDataset(50, seed=3)[17]
+    assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+    assert not torch.equal(a["image"], ToyCaptionDataset(50, seed=4)[17]["image"])
+
+
+def test_captions_follow_the_grammar():
+    scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "orange", "right")), "black")
+    assert caption(scene) == "a red circle on the left and an orange square on the right, on a black background"
+    star = SceneObject.concept("striped_star", "top")
+    assert caption(Scene((star,), "gray")) == "a striped star at the top, on a gray background"
+    assert caption(Scene((star,), None), nouns=["sks"]) == "a sks at the top"
+    assert caption(Scene((SceneObject("star", None, None),))) == "a star"
+    data = ToyCaptionDataset(300, seed=0)
+    for i in range(300):
+        scene, request = data.scene(i)
+        text = data[i]["caption"] if i < 20 else caption(request)
+        assert text == caption(request)
+        for obj, asked in zip(scene.objects, request.objects):
+            assert asked.shape == obj.shape and asked.colour in (obj.colour, None)
+            assert asked.position in (obj.position, None)
+            assert (f"{obj.colour} {obj.shape}" if asked.colour else obj.shape) in text
+        assert request.background in (scene.background, None)
+        assert text.endswith(f"on a {scene.background} background") == (request.background is not None)
+
+
+def test_train_split_never_holds_a_held_out_pair_or_a_concept():
+    data = ToyCaptionDataset(3000, seed=11, split="train")
+    pairs, counts = set(), set()
+    for i in range(len(data)):
+        scene, request = data.scene(i)
+        assert not contains_held_out(scene) and not contains_concept(scene)
+        text = caption(request)
+        assert not any(f"{c} {s}" in text for c, s in HELD_OUT)
+        assert not any(c.phrase in text for c in CONCEPTS.values())
+        pairs.update((o.colour, o.shape) for o in scene.objects)
+        counts.add(len(scene.objects))
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT  # every other pair occurs
+    assert counts == {1, 2}
+    heldout = ToyCaptionDataset(200, seed=11, split="heldout")
+    assert all(contains_held_out(heldout.scene(i)[0]) for i in range(200))
+    scenes = held_out_scenes()
+    assert len(scenes) == 4 * len(HELD_OUT) and all(contains_held_out(s) for s in scenes)
+    assert held_out_prompts() == [caption(s) for s in scenes]
+    assert {(o.colour, o.shape) for s in scenes for o in s.objects} >= HELD_OUT
+
+
+def test_masks_cover_exactly_their_objects():
+    scene = Scene((SceneObject("square", "yellow", "top"), SceneObject("circle", "blue", "bottom")), "gray")
+    image, masks = render(scene)
+    pixels = np.asarray(image).astype(int)
+    assert len(masks) == 2 and all(m.shape == (32, 32) and m.dtype == np.uint8 for m in masks)
+    assert not np.any((masks[0] > 0) & (masks[1] > 0))
+    background = (masks[0] == 0) & (masks[1] == 0)
+    assert np.all(pixels[background] == 128)
+    for mask, colour in zip(masks, (COLOURS["yellow"], COLOURS["blue"])):
+        assert np.all(pixels[mask == 255] == colour)
+    side, radius = 0.85 * 0.375 * 32, 0.375 * 16  # in pixels; drawn to the nearest 1/4 pixel
+    assert (side - 0.25) ** 2 <= masks[0].sum() / 255 <= (side + 0.25) ** 2
+    assert math.pi * (radius - 0.25) ** 2 <= masks[1].sum() / 255 <= math.pi * (radius + 0.25) ** 2
+    top, bottom = np.nonzero(masks[0])[0].mean(), np.nonzero(masks[1])[0].mean()
+    assert top < 14 < 18 < bottom
+    # A concept's mask covers both of its colours.
+    image, (mask,) = render(Scene((SceneObject.concept("two_tone_ring", "centre"),), "black"))
+    inside = np.asarray(image)[mask == 255]
+    for colour in CONCEPTS["two_tone_ring"].colours:
+        assert np.any(np.all(inside == colour, axis=1))
+
+
+def test_bad_scenes_are_refused():
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        SceneObject("hexagon", "red", "left")
+    with pytest.raises(ValueError, match="has its own colours"):
+        SceneObject("star", "red", "left", look="striped_star")
+    with pytest.raises(ValueError, match="share the position"):
+        Scene((SceneObject("star", "red", "left"), SceneObject("ring", "blue", "left")), "black")
+    with pytest.raises(ValueError, match="without a background"):
+        render(Scene((SceneObject("star", "red", "left"),)))
+    with pytest.raises(ValueError, match="split must be"):
+        ToyCaptionDataset(10, split="test")
+
+
+def test_shipped_concepts_are_current_and_load_as_perfusion_data(tmp_path):
+    index = write_concepts(tmp_path)
+    shipped = json.loads((CONCEPT_DIR / "concepts.json").read_text())
+    assert shipped == json.loads(json.dumps(index))
+    for entry in index["concepts"]:
+        name = entry["name"]
+        assert entry["superclass"] == CONCEPTS[name].shape and 4 <= len(entry["images"]) <= 6
+        assert len({i["position"] for i in entry["images"]}) >= 4
+        assert len({i["background"] for i in entry["images"]}) >= 3
+        for image in entry["images"]:  # the committed files are exactly what the generator writes
+            for rel in (image["file"], image["mask"]):
+                assert (CONCEPT_DIR / name / rel).read_bytes() == (tmp_path / name / rel).read_bytes()
+        data = PersonalizedDataset(CONCEPT_DIR / name, placeholder="sks", superclass=entry["superclass"], size=32)
+        assert len(data) == len(entry["images"])
+        item = data[0]
+        assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
+        assert 0.05 < float((item["mask"] > 0.5).float().mean()) < 0.3
+        assert item["caption_super"].endswith(entry["superclass"])
+    scenes = concept_scenes("striped_star")
+    assert all(s.objects[0].look == "striped_star" for s in scenes)
+
+
+def test_dataset_batches_through_main_config():
+    config = OmegaConf.create({"target": "ldm.toy.dataset.ToyCaptionDataset",
+                               "params": {"n": 64, "seed": 0, "size": 32, "split": "train"}})
+    batch = next(iter(DataLoader(instantiate_from_config(config), batch_size=8)))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert -1.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    assert len(batch["caption"]) == 8 and all(isinstance(c, str) for c in batch["caption"])
+
+
+def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
+    import main
+
+    data = tmp_path / "toy.yaml"
+    OmegaConf.save(OmegaConf.create({
+        "data": {"target": "ldm.toy.dataset.ToyCaptionDataset", "params": {"n": 100, "seed": 0},
+                 "batch_size": 2, "num_workers": 0},
+        "lightning": {"trainer": {"max_steps": 2, "log_every_n_steps": 1},
+                      "callbacks": {"image_logger": {"every_n_steps": 100}}},
+    }), data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine are many times slower
+    try:
+        with redirect_stdout(io.StringIO()):
+            trainer = main.run(["--base", str(ROOT / "configs/tiny/v1-tiny.yaml"), str(data), "-t",
+                                "--accelerator", "cpu", "--logdir", str(tmp_path / "logs")])
+    finally:
+        torch.set_num_threads(threads)
+    assert trainer.global_step == 2
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Scorer.load(SCORER)
+
+
+def test_shipped_scorer_reads_fresh_renders(scorer):
+    assert SCORER.stat().st_size < 2_000_000
+    scenes = _scenes("world", 40, seed=5) + _scenes("held-out pairs", 30, seed=5) + _scenes("concepts", 30, seed=5)
+    images = render_set(scenes).float() / 255
+    for batch in (images, degrade(images, torch.Generator().manual_seed(0))):
+        accuracy = attribute_accuracy(scorer.score(batch, scenes))
+        for attribute in REQUESTED + ("plain_look", "count"):
+            assert accuracy[attribute] >= 0.9, (attribute, accuracy)
+    for name, (drawn, asked, attribute) in wrong_requests(scenes[:40], seed=5).items():
+        results = scorer.score(render_set(drawn).float() / 255, asked)
+        rejected = np.mean([r["objects"][0][attribute] is False for r in results])
+        assert rejected >= 0.9, (name, rejected)
+
+
+def test_scorer_judging_logic(scorer):
+    scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "blue", "right")), "black")
+    image = render_set([scene]).float() / 255
+    swapped = Scene((SceneObject("circle", "red", "right"), SceneObject("square", "blue", "left")), "gray")
+    (result,) = scorer.score(image, [swapped])
+    # Positions swapped: shapes and colours still found on the matching objects, positions wrong.
+    assert [(o["shape"], o["colour"], o["position"]) for o in result["objects"]] == [(True, True, False)] * 2
+    assert result["background"] is False and result["count"] is True
+    only = Scene((SceneObject("star", None, None), SceneObject("ring", "green", "top")), None)
+    (result,) = scorer.score(image, [only])
+    assert result["objects"][0]["colour"] is None and result["objects"][0]["position"] is None
+    assert result["objects"][1]["position"] is False and result["background"] is None
+    empty = render_set([Scene((), "brown")]).float() / 255
+    (result,) = scorer.score(empty, [Scene((SceneObject("star", "red", "left"),), "brown")])
+    assert result["objects"][0] == {"shape": False, "colour": False, "position": False, "look": None,
+                                    "plain_look": None}
+    assert result["background"] is True and result["count"] is False
+    accuracy = attribute_accuracy([result])
+    assert accuracy["overall"] == pytest.approx(1 / 4) and accuracy["all_correct"] == 0.0
+    assert math.isnan(accuracy["look"])
+
+
+def test_scorer_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_scorer"):
+        Scorer.load(tmp_path / "missing.safetensors")
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not a toy scorer file"):
+        Scorer.load(other)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        Scorer.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        Scorer.load(SCORER).score(torch.zeros(3, 32, 32), [])
