@@ -1,4 +1,4 @@
-"""Sample images from a (base) latent-diffusion model.
+r"""Sample images from a (base) latent-diffusion model.
 
     python scripts/txt2img.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt ckpt/v1-5-pruned-emaonly.ckpt --prompt "a photo of a teddy bear on a beach"

@@ -40,26 +40,30 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
                          f"got {tuple(i_star.shape)} and {tuple(o_star.shape)}")
     n = i_star.shape[0]
     dtype = torch.promote_types(e.dtype, torch.float32)
-    e, W, I, O = (t.to(dtype) for t in (e, weight, i_star, o_star))
-    C_inv = C_inv.to(dtype)
+    # The per-concept quantities involve C^-1, which can be ill-conditioned: form them in float64
+    # (tiny: N x d_in), then apply them to the encodings in float32 or wider.
+    wide = torch.float32 if e.device.type == "mps" else torch.float64
+    I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
     beta = _per_concept(beta, n, "beta", e.device).to(dtype)
     tau = _per_concept(tau, n, "tau", e.device).to(dtype)
     if (tau <= 0).any():
         raise ValueError(f"tau must be positive, got {tau.tolist()}")
 
     with torch.autocast(e.device.type, enabled=False):
-        CI = I @ C_inv                                    # (N, d_in): rows i*_n^T C^-1
-        sim = (e @ CI.T) / (CI * I).sum(-1)               # (B, T, N)
-        gate = torch.sigmoid((sim - beta) / tau)          # (B, T, N)
+        e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
+        CI = I @ C_inv                                                # rows i*_n^T C^-1
+        probe = (CI / (CI * I).sum(-1, keepdim=True)).to(dtype)       # sim_n(e) = probe_n . e
+        sim = e @ probe.T                                             # (B, T, N)
+        gate = torch.sigmoid((sim - beta) / tau)                      # (B, T, N)
         if n == 1 or not exact:
             # N = 1 the exact projection reduces to sim(e) i*; N > 1 this is the approximation.
-            out = e @ W.T - (sim @ (I @ W.T))
+            out = e @ W.T - sim @ (I.to(dtype) @ W.T)
         else:
             L = torch.linalg.cholesky(C_inv)
-            Q, _ = torch.linalg.qr(L.T @ I.T)             # (d_in, N), orthonormal columns
-            U = torch.linalg.solve_triangular(L.T, Q, upper=True)   # u_n = L^-T q_n
-            coeff = e @ (C_inv @ U)                        # (B, T, N): u_n^T C^-1 e
-            out = (e - coeff @ U.T) @ W.T
+            Q, _ = torch.linalg.qr(L.T @ I.T)                         # (d_in, N), orthonormal columns
+            U = torch.linalg.solve_triangular(L.T, Q, upper=True)     # u_n = L^-T q_n
+            coeff = e @ (C_inv @ U).to(dtype)                         # (B, T, N): u_n^T C^-1 e
+            out = (e - coeff @ U.to(dtype).T) @ W.T
         return out + gate @ O
 
 

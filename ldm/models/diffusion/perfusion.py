@@ -109,7 +109,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             C = estimate_covariance(self.cond_stage_model, self.covariance_captions, self.covariance_max_captions)
             C_inv = invert(C)
         self.covariance_fingerprint = fingerprint_tensors({"C": C})
-        self.bank.C_inv = C_inv.to(self.device, torch.float32)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64
+        self.bank.C_inv = C_inv.to(self.device, wide)
 
     # ----------------------------------------------------------------- conditioning
     def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
