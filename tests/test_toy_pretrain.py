@@ -43,3 +43,16 @@ def test_pretrain_command_end_to_end(tmp_path):
     model = build_model(load_config([ROOT / "configs/toy/ldm.yaml"]), ckpt=weights)
     _, _, meta = load_covariance(out / "covariance.safetensors")
     assert meta["text_encoder_fingerprint"] == model.cond_stage_model.fingerprint()
+
+
+def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
+    from ldm.build import build_model
+    from ldm.toy.evaluate import prompt_accuracy
+    from ldm.toy.scorer import Scorer
+    from ldm.toy.world import held_out_scenes
+
+    model = build_model(load_config([ROOT / "configs/toy/ldm.yaml"]), seed=0)
+    scenes = held_out_scenes()[:3]
+    acc = prompt_accuracy(model, Scorer.load(ROOT / "ckpt/toy/scorer.safetensors"), scenes, steps=2)
+    assert {"shape", "colour", "position", "overall"} <= set(acc)
+    assert all(0.0 <= v <= 1.0 for v in acc.values() if v == v)   # NaN: attribute not asked for
