@@ -52,7 +52,8 @@ def concept_size(args) -> int:
     return 0
 
 
-def _time(fn, warmup: int, repeats: int):
+def _time(fn, warmup: int = 1) -> float:
+    """Seconds of one call of `fn`, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -94,10 +95,10 @@ def train_step(args) -> int:
     edit_off = _EditOff(perfusion)
     times = {"perfusion": [], "plain": [], "edit_off": []}
     for _ in range(args.repeats):
-        times["perfusion"].append(_time(step(perfusion, opt_p), 1, 1))
-        times["plain"].append(_time(step(plain, opt_b), 1, 1))
+        times["perfusion"].append(_time(step(perfusion, opt_p)))
+        times["plain"].append(_time(step(plain, opt_b)))
         with edit_off:
-            times["edit_off"].append(_time(step(perfusion, opt_p), 1, 1))
+            times["edit_off"].append(_time(step(perfusion, opt_p)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"config: {args.config}, batch {args.batch_size}, {args.repeats} rounds, device cpu")
     print(f"perfusion step: {med['perfusion'] * 1e3:.1f} ms; plain LatentDiffusion step: {med['plain'] * 1e3:.1f} ms; "

@@ -83,9 +83,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
                 or k.startswith("o_star_v.")]
 
     def fingerprints(self) -> dict[str, str]:
-        unet = {k: v for k, v in self.model.diffusion_model.state_dict().items()}
         return {
-            "unet": fingerprint_tensors(unet),
+            "unet": fingerprint_tensors(self.model.diffusion_model.state_dict()),
             "text_encoder": self.cond_stage_model.fingerprint(),
             "covariance": self.covariance_fingerprint or "",
         }
@@ -153,12 +152,9 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         hit = (windows == torch.tensor(ids, device=tokens.device)).all(-1)
         missing = [p for p, h in zip(prompts, hit.any(1).tolist()) if not h]
         if missing:
-            raise ValueError(f"{what} {self.tokenizer_text(ids)!r} not found in prompt {missing[0]!r} "
+            raise ValueError(f"{what} {self.cond_stage_model.tokenizer.decode(list(ids))!r} not found in prompt {missing[0]!r} "
                              "(every training template must contain '{}')")
         return hit.int().argmax(1) + n - 1
-
-    def tokenizer_text(self, ids):
-        return self.cond_stage_model.tokenizer.decode(list(ids))
 
     @staticmethod
     def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
