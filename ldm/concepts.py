@@ -4,6 +4,10 @@ Tensors: `embedding` (the placeholder's word embedding), `i_star` and `i_super` 
 inputs: concept and superclass encodings), `o_star_v.<l>` (one learned value output per
 cross-attention layer). Key outputs are not stored: key-locking makes them W_K i_super.
 The covariance is referenced by fingerprint, never copied in.
+
+Metadata `method` says how the concept was trained (the paper's ablations, for comparison):
+"perfusion" (locked keys), "trained_keys" (adds `o_star_k.<l>`, learned key outputs) or
+"embedding" (textual inversion: only the word embedding is used; the rank-1 edit is off).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from ldm.util import atomic_path
 
 FORMAT = "perfusion-concept"
 VERSION = 1
+METHODS = ("perfusion", "trained_keys", "embedding")
 
 
 class ConceptError(ValueError):
@@ -35,10 +40,13 @@ class Concept:
     train_tau: float
     fingerprints: dict[str, str] = field(default_factory=dict)  # unet, text_encoder, covariance
     extra: dict[str, str] = field(default_factory=dict)
+    method: str = "perfusion"          # one of METHODS
+    o_star_k: list[torch.Tensor] | None = None   # "trained_keys" only: one learned key output per layer
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"embedding": self.embedding, "i_star": self.i_star, "i_super": self.i_super}
         out.update({f"o_star_v.{i}": v for i, v in enumerate(self.o_star_v)})
+        out.update({f"o_star_k.{i}": k for i, k in enumerate(self.o_star_k or [])})
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
@@ -55,7 +63,7 @@ def save_concept(path: str | Path, concept: Concept) -> Path:
         "placeholder": concept.placeholder, "superclass": concept.superclass,
         "train_beta": repr(float(concept.train_beta)), "train_tau": repr(float(concept.train_tau)),
         "fingerprints": json.dumps(concept.fingerprints, sort_keys=True),
-        "extra": json.dumps(concept.extra, sort_keys=True),
+        "extra": json.dumps(concept.extra, sort_keys=True), "method": concept.method,
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -88,6 +96,13 @@ def load_concept(path: str | Path) -> Concept:
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ConceptError(f"{path}: NaN/inf values in {', '.join(bad[:3])}")
+    method = meta.get("method", "perfusion")
+    if method not in METHODS:
+        raise ConceptError(f"{path}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    keys = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("o_star_k."))
+    if (method == "trained_keys") != bool(keys) or (keys and keys != layers):
+        raise ConceptError(f"{path}: method {method!r} needs o_star_k.0..{len(layers) - 1} exactly when its keys "
+                           f"are trained, found {len(keys)} o_star_k tensors")
     try:
         return Concept(
             embedding=tensors["embedding"], i_star=tensors["i_star"], i_super=tensors["i_super"],
@@ -95,6 +110,7 @@ def load_concept(path: str | Path) -> Concept:
             placeholder=meta["placeholder"], superclass=meta["superclass"],
             train_beta=float(meta["train_beta"]), train_tau=float(meta["train_tau"]),
             fingerprints=json.loads(meta.get("fingerprints", "{}")), extra=json.loads(meta.get("extra", "{}")),
+            method=method, o_star_k=[tensors[f"o_star_k.{i}"] for i in keys] or None,
         )
     except (KeyError, ValueError) as err:
         raise ConceptError(f"{path}: bad concept metadata ({err})")

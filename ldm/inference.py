@@ -17,6 +17,7 @@ import torch
 
 from ldm.concepts import Concept, ConceptError, load_concept
 from ldm.models.diffusion.perfusion import word_pattern
+from ldm.modules.perfusion import superclass_keys
 
 # Rare single CLIP tokens (SD1 and SD2 share the BPE vocabulary); each one is checked at load time.
 PLACEHOLDER_TOKENS = ("sks", "ohwx", "nlwx", "rctid", "httr", "shld", "wral", "pafc")
@@ -85,6 +86,9 @@ def _check_shapes(model, concept: Concept, name: str) -> None:
         raise ConceptError(f"{name}: tensor shapes do not fit this model (embedding {tuple(found[0])}, i* "
                            f"{tuple(found[1])}, {len(found[3])} value outputs; expected ({width},), ({d_ctx},), "
                            f"{len(outs)})")
+    if concept.o_star_k is not None and [tuple(k.shape) for k in concept.o_star_k] != [(k.out_features,) for k in bank.keys]:
+        raise ConceptError(f"{name}: its {len(concept.o_star_k)} trained key outputs do not fit this model's "
+                           f"{len(bank.keys)} cross-attention layers")
 
 
 def _check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: torch.Tensor) -> None:
@@ -130,6 +134,10 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         raise ValueError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
     betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
     loaded = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
+    methods = {c.method for c in loaded}
+    if "embedding" in methods and len(methods) > 1:
+        raise ValueError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "
+                         f"in one model: {', '.join(f'{nm}: {c.method}' for nm, c in zip(names, loaded))}")
     check_fingerprints(model, loaded, names)
     for concept, name in zip(loaded, names):
         _check_shapes(model, concept, name)
@@ -143,12 +151,20 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     model.placeholder_rows = {i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)}
     model.superclass_words = {tok: c.superclass for tok, c in zip(tokens, loaded)}
     bank = model.bank
+    if methods == {"embedding"}:   # textual inversion: only the placeholder rows change
+        return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, False, exact)
     bank.global_locking, bank.exact = global_locking, exact
     i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
     i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
     o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
                for layer in range(len(bank.values))]
-    bank.set(i_star, i_super, o_value, betas, taus)
+    o_key = None
+    if "trained_keys" in methods:   # the ablation's learned keys; locked ones stay W_K i_super
+        locked = superclass_keys(bank.keys, i_super)
+        o_key = [torch.stack([c.o_star_k[layer].to(device, torch.float32) if c.method == "trained_keys"
+                              else locked[layer][j] for j, c in enumerate(loaded)])
+                 for layer in range(len(bank.keys))]
+    bank.set(i_star, i_super, o_value, betas, taus, o_key=o_key)
     return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking, exact)
 
 
@@ -156,7 +172,8 @@ def set_gates(model, loaded: LoadedConcepts, betas, taus) -> None:
     """Change beta/tau of the loaded concepts (no reloading)."""
     n = len(loaded.concepts)
     loaded.betas, loaded.taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
-    model.bank.set_gates(loaded.betas, loaded.taus)
+    if model.bank.active:   # textual-inversion concepts have no gates
+        model.bank.set_gates(loaded.betas, loaded.taus)
 
 
 def unload_concepts(model) -> None:

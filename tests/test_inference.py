@@ -269,3 +269,31 @@ def test_missing_or_corrupt_concept_file_and_base_model(model, tiny_v1, tmp_path
         load_concepts(model, [bad])
     with pytest.raises(ValueError, match="LatentDiffusion cannot take Perfusion concepts"):
         load_concepts(tiny_v1, [concept_file("cat", 0)])
+
+
+def test_textual_inversion_concept_only_changes_the_placeholder_row(model, cat, dog):
+    ti = replace(cat, method="embedding")
+    loaded = load_concepts(model, [ti], 0.6, 0.15)
+    assert not model.bank.active
+    prompt = prepare_prompt(model.cond_stage_model.tokenizer, "a photo of a {}", loaded, 75)
+    set_gates(model, loaded, 0.5, 0.1)   # no gates to change: accepted, nothing happens
+    encoder = model.cond_stage_model
+    tokens = encoder.tokenize([prompt])
+    rows = encoder.token_embedding(tokens)
+    rows[tokens == loaded.token_ids[0]] = cat.embedding
+    assert torch.equal(model.get_learned_conditioning([prompt]), encoder.encode_embeddings(tokens, rows))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        load_concepts(model, [ti, dog])
+
+
+def test_trained_keys_replace_the_locked_keys(model, cat, dog):
+    keys = [torch.randn(k.out_features, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(model.bank.keys)]
+    trained = replace(cat, method="trained_keys", o_star_k=keys)
+    load_concepts(model, [trained, dog], 0.6, 0.15)
+    locked_dog = [layer.weight @ dog.i_super for layer in model.bank.keys]
+    for layer, k, d in zip(range(len(keys)), keys, locked_dog):
+        assert torch.equal(model.bank.o_key[layer][0], k)
+        assert torch.allclose(model.bank.o_key[layer][1], d, atol=1e-5)
+    bad = replace(cat, method="trained_keys", o_star_k=keys[:-1])
+    with pytest.raises(ConceptError, match="trained key outputs do not fit"):
+        load_concepts(model, [bad])

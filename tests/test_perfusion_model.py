@@ -175,3 +175,29 @@ def test_nan_loss_stops_and_never_reaches_a_concept_file(tmp_path):
     with pytest.raises(ConceptError, match="NaN"):
         m.save_concept(tmp_path / "last.safetensors")
     assert (tmp_path / "last.safetensors").read_bytes() == good
+
+
+@pytest.mark.parametrize("method,learned", [
+    ("trained_keys", {"embedding"} | {f"o_star_v.{i}" for i in range(7)} | {f"o_star_k.{i}" for i in range(7)}),
+    ("embedding", {"embedding"} | {f"o_star_v.{i}" for i in range(7)}),   # o*_V: set once, never trained
+])
+def test_ablation_methods_train_their_own_parameters(method, learned, tmp_path):
+    m = tiny_perfusion_model(f"model.params.method={method}")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _train_steps(m, n=2)
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == learned | {"i_star", "i_super", "initialized"}
+    concept = load_concept(m.save_concept(tmp_path / "c.safetensors"))
+    assert concept.method == method
+    if method == "trained_keys":
+        assert [torch.equal(k, p.detach()) for k, p in zip(concept.o_star_k, m.o_star_k)] == [True] * 7
+        locked = [layer.weight @ m.i_super for layer in m.bank.keys]
+        assert all(not torch.allclose(k, lk) for k, lk in zip(concept.o_star_k, locked))
+    else:
+        assert concept.o_star_k is None and not m.bank.active   # textual inversion: the edit stays off
+        assert [p.requires_grad for p in m.o_star_v] == [False] * 7
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="method must be one of perfusion, trained_keys, embedding"):
+        tiny_perfusion_model("model.params.method=lora")

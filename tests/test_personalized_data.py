@@ -206,3 +206,27 @@ def test_bad_settings(concept_dir, kwargs, word):
     with pytest.raises(ValueError) as err:
         PersonalizedDataset(concept_dir, **settings)
     assert word in one_line(err)
+
+
+def test_per_image_captions_replace_the_templates(concept_dir):
+    import json
+
+    table = {name: f"a {{}} seen as {name.split('.')[0]}" for name in
+             ("cat.jpg", "cup.png", "cat_rgba.png", "cat_gray.png", "cat_exif.jpg")}
+    (concept_dir / "captions.json").write_text(json.dumps(table))
+    ds = PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")
+    for i, path in enumerate(ds.paths):
+        assert ds[i]["caption"] == f"a sks seen as {path.stem}"
+        assert ds[i]["caption_super"] == f"a cat seen as {path.stem}"
+    del table["cup.png"]
+    table["cat.jpg"] = "a cat"
+    (concept_dir / "captions.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=r"captions.json: no caption for 1 image\(s\) \(cup.png\)"):
+        PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")
+    table["cup.png"] = "a cup"
+    (concept_dir / "captions.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="\\{\\}"):
+        PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")
+    (concept_dir / "captions.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="cannot read the captions file"):
+        PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")

@@ -225,3 +225,38 @@ def test_scorer_file_errors(tmp_path):
         Scorer.load(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         Scorer.load(SCORER).score(torch.zeros(3, 32, 32), [])
+
+
+def test_generic_textures_render_two_colours_and_never_a_concept_look():
+    from ldm.toy.world import CONCEPT_TEXTURES, COLOURS, sample_textured
+
+    obj = SceneObject("circle", None, "centre", texture=("stripes", "red", "green"), size=0.5)
+    image, (mask,) = render(Scene((obj,), "black"))
+    inside = np.asarray(image)[mask == 255]
+    found = {tuple(px) for px in inside}
+    assert found == {COLOURS["red"], COLOURS["green"]}
+    assert caption(Scene((obj,), "black")) == "a circle in the centre, on a black background"
+    for texture in CONCEPT_TEXTURES:
+        with pytest.raises(ValueError, match="is a concept's look"):
+            SceneObject("star", None, "left", texture=texture)
+    with pytest.raises(ValueError, match="two colour names"):
+        SceneObject("star", None, "left", texture=("stripes", "red", "red"))
+    rng = np.random.default_rng(0)
+    drawn = [sample_textured(rng, "left") for _ in range(300)]
+    assert not any(tuple(o.texture) in CONCEPT_TEXTURES for o in drawn)
+    assert {o.texture[0] for o in drawn} == {"stripes", "dots", "halves"}
+
+
+def test_dataset_textures_and_caption_dropout_are_their_own_streams():
+    base = ToyCaptionDataset(400, seed=3)
+    dropped = ToyCaptionDataset(400, seed=3, p_drop_caption=0.25)
+    captions = [dropped[i]["caption"] for i in range(400)]
+    assert 60 < captions.count("") < 140
+    assert all(c == "" or c == base[i]["caption"] for i, c in enumerate(captions))
+    textured = ToyCaptionDataset(400, seed=3, p_textured=0.5)
+    objects = [o for i in range(400) for o in textured.scene(i)[0].objects]
+    share = sum(o.texture is not None for o in objects) / len(objects)
+    assert 0.4 < share < 0.6
+    assert all(o.colour is None for o in objects if o.texture is not None)
+    held = ToyCaptionDataset(50, seed=3, split="heldout", p_textured=0.5)
+    assert all(o.texture is None for i in range(50) for o in held.scene(i)[0].objects)

@@ -23,8 +23,9 @@ def is_image_file(path: str | Path) -> bool:
 def list_images(directory: str | Path) -> list[Path]:
     """Image files directly inside `directory`, sorted by name.
 
-    Sub-folders and hidden files (".DS_Store", "._x.jpg") are ignored silently; any other file
-    whose extension is not an image format is skipped with a warning.
+    Sub-folders, hidden files (".DS_Store", "._x.jpg") and JSON files (a concept's captions.json)
+    are ignored silently; any other file whose extension is not an image format is skipped with a
+    warning.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -33,7 +34,7 @@ def list_images(directory: str | Path) -> list[Path]:
         raise NotADirectoryError(f"{directory}: is a file, expected a folder of images")
     images, skipped = [], []
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() == ".json":
             continue
         (images if is_image_file(path) else skipped).append(path)
     if skipped:

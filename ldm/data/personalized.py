@@ -4,6 +4,7 @@ Layout on disk (masks are written by `data/soft_segment.py`):
 
     <data_root>/cat1.jpg, cat2.png, ...        the concept's images
     <data_root>/mask/cat1.png, cat2.png, ...   8-bit soft masks, same stem, same size as the upright image
+    <data_root>/captions.json                   optional (`captions`): {"cat1.jpg": "a {} on a sofa", ...}
 
 Every image and mask is read, checked, cropped and resized once when the dataset is built (a
 concept has a handful of images), so that a bad file fails before training starts and a
@@ -36,7 +37,7 @@ class PersonalizedDataset(Dataset):
 
     def __init__(self, data_root: str | Path, placeholder: str, superclass: str, size: int = 512,
                  flip_p: float = 0.5, center_crop: bool = True, templates: Sequence[str] | None = None,
-                 use_masks: bool = True, mask_dirname: str = "mask"):
+                 use_masks: bool = True, mask_dirname: str = "mask", captions: str | None = None):
         self.data_root = Path(data_root)
         for name, word in (("placeholder", placeholder), ("superclass", superclass)):
             if not isinstance(word, str) or not word.strip():
@@ -56,6 +57,7 @@ class PersonalizedDataset(Dataset):
         self.paths = list_images(self.data_root)
         if not self.paths:
             raise ValueError(f"{self.data_root}: no images found (expected files such as .jpg, .png, .webp)")
+        self.image_templates = self._read_captions(captions, placeholder) if captions else None
         self.mask_paths = self._find_masks(mask_dirname) if use_masks else None
         self._images: list[np.ndarray] = []  # (size, size, 3) uint8
         self._masks: list[np.ndarray] = []  # (size, size) uint8
@@ -86,6 +88,25 @@ class PersonalizedDataset(Dataset):
                 f"`python data/soft_segment.py --image_dir {self.data_root} --super_class {self.superclass}` "
                 f"or set use_masks: false")
         return masks
+
+    def _read_captions(self, captions: str, placeholder: str) -> list[str]:
+        """One template per image from a JSON object {image file name: template with '{}'}; it replaces
+        `templates` (a caption that describes the rest of the picture leaves only the concept to learn)."""
+        import json
+
+        path = Path(captions) if Path(captions).is_absolute() else self.data_root / captions
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read the captions file ({err.__class__.__name__}: {err})") from err
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: expected a JSON object {{image file name: template}}, got {type(table).__name__}")
+        missing = [p.name for p in self.paths if p.name not in table]
+        if missing:
+            raise ValueError(f"{path}: no caption for {len(missing)} image(s) ({', '.join(missing[:3])})")
+        for name in (p.name for p in self.paths):
+            fill(table[name], placeholder)   # raises ValueError naming a template without exactly one '{}'
+        return [table[p.name] for p in self.paths]
 
     @staticmethod
     def _read_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
@@ -128,6 +149,8 @@ class PersonalizedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = self._generator()
         template = self.templates[int(torch.randint(len(self.templates), (), generator=rng))]
+        if self.image_templates is not None:
+            template = self.image_templates[index]
         flip = bool(torch.rand((), generator=rng) < self.flip_p)
         image = self._images[index]
         mask = self._masks[index] if self._masks else None

@@ -149,14 +149,18 @@ class ConceptBank:
     def active(self) -> bool:
         return self.i_star is not None
 
-    def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau):
-        """Activate N concepts: i_star, i_super (N, d_in); o_value[l] (N, d_out_l); beta/tau float or N."""
+    def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
+            o_key: Sequence[torch.Tensor] | None = None):
+        """Activate N concepts: i_star, i_super (N, d_in); o_value[l] (N, d_out_l); beta/tau float or N.
+        Keys are locked (o*_K = W_K i_super) unless `o_key` gives them (the trained-keys ablation)."""
         if len(o_value) != len(self.values):
             raise ValueError(f"concept has {len(o_value)} value outputs, the U-Net has {len(self.values)} "
                              "cross-attention layers (trained on another base model?)")
         self._check_gates(beta, tau, i_star.shape[0])
         self.i_star = i_star
-        self.o_key = superclass_keys(self.keys, i_super)
+        if o_key is not None and len(o_key) != len(self.keys):
+            raise ValueError(f"{len(o_key)} key outputs given, the U-Net has {len(self.keys)} cross-attention layers")
+        self.o_key = superclass_keys(self.keys, i_super) if o_key is None else list(o_key)
         self.o_value = list(o_value)
         self.beta, self.tau = beta, tau
         self._cache.clear()

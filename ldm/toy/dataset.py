@@ -26,11 +26,16 @@ class ToyCaptionDataset(Dataset):
     "heldout" has at least one HELD_OUT pair in every scene. Captions leave out an object's
     colour with probability `p_drop_colour`, the position of a lone object with
     `p_drop_position` and the background with `p_drop_background`, so that the model also
-    learns the shorter phrasings ("a star on the left") that concept prompts use.
+    learns the shorter phrasings ("a star on the left") that concept prompts use. With probability
+    `p_drop_caption` the whole caption is "" (decided by its own stream, so the other items do not
+    change), which teaches the unconditional prediction that classifier-free guidance needs.
+    `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"); their
+    captions name no colour ("a star"), so a superclass word covers varied looks, as in real data.
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 32, split: str = "train",
-                 p_drop_colour: float = 0.1, p_drop_position: float = 0.1, p_drop_background: float = 0.15):
+                 p_drop_colour: float = 0.1, p_drop_position: float = 0.1, p_drop_background: float = 0.15,
+                 p_drop_caption: float = 0.0, p_textured: float = 0.0):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of items, got {n!r}")
         if split not in SPLITS:
@@ -38,11 +43,13 @@ class ToyCaptionDataset(Dataset):
         if not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
         for name, p in (("p_drop_colour", p_drop_colour), ("p_drop_position", p_drop_position),
-                        ("p_drop_background", p_drop_background)):
+                        ("p_drop_background", p_drop_background), ("p_drop_caption", p_drop_caption),
+                        ("p_textured", p_textured)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
         self.n, self.seed, self.size, self.split = n, int(seed), size, split
         self.p_drop = (p_drop_colour, p_drop_position, p_drop_background)
+        self.p_drop_caption, self.p_textured = float(p_drop_caption), float(p_textured)
 
     def __len__(self) -> int:
         return self.n
@@ -52,7 +59,7 @@ class ToyCaptionDataset(Dataset):
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, self.split)
+        scene = sample_scene(rng, self.split, p_textured=self.p_textured)
         p_colour, p_position, p_background = self.p_drop
         count = len(scene.objects)
         request = as_request(
@@ -67,4 +74,5 @@ class ToyCaptionDataset(Dataset):
         scene, request = self.scene(index)
         image, _ = render(scene, self.size)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": pixels, "caption": caption(request)}
+        dropped = np.random.default_rng([self.seed, index, 1]).random() < self.p_drop_caption
+        return {"image": pixels, "caption": "" if dropped else caption(request)}

@@ -43,6 +43,8 @@ SETS = {
     "world": lambda rng: sample_scene(rng, "train"),
     "held-out pairs": lambda rng: sample_scene(rng, "heldout"),
     "concepts": concept_scene,
+    # generic two-colour textures (never a concept's): plain_look is the share NOT mistaken for a concept
+    "textured": lambda rng: sample_scene(rng, "train", p_textured=1.0),
 }
 
 

@@ -4,7 +4,8 @@
     python -m ldm.toy.evaluate --ckpt ... --split train --n 48                  # fresh training-grammar prompts
 
 Prints the fraction of requested attributes (shape, colour, position, background) the scorer
-finds correct, per attribute and overall.
+finds correct, per attribute and overall. `--attention PROMPT` prints instead how the U-Net's
+cross-attention divides among the prompt's tokens (uniform would be 1/context length each).
 """
 from __future__ import annotations
 
@@ -35,6 +36,31 @@ def prompt_accuracy(model, scorer: Scorer, scenes: Sequence[Scene], steps: int =
     return attribute_accuracy(results)
 
 
+@torch.no_grad()
+def attention_shares(model, prompt: str, t: int = 500, seed: int = 0) -> list[tuple[str, float]]:
+    """Mean cross-attention probability per token (all layers, heads and query positions) for one
+    noisy latent at timestep t; the padding after the prompt is pooled as '<padding>'."""
+    from ldm.modules.attention import cross_attention_layers
+
+    encoder = model.cond_stage_model
+    ids = encoder.tokenizer.encode(prompt)
+    shares = []
+    layers = [attn for _, attn in cross_attention_layers(model.model.diffusion_model)]
+    for attn in layers:
+        attn.attention_probs_hook = lambda module, probs: shares.append(probs.mean(dim=(0, 1, 2)))
+    try:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(1, model.channels, model.image_size, model.image_size, generator=g)
+        model.apply_model(z, torch.tensor([t]), model.get_learned_conditioning([prompt]))
+    finally:
+        for attn in layers:
+            attn.attention_probs_hook = None
+    mean = torch.stack(shares).mean(0).tolist()
+    n = len(ids) + 2   # start and end tokens
+    words = ["<start>"] + [encoder.tokenizer.decode_token(i).replace("</w>", "") for i in ids] + ["<end>"]
+    return list(zip(words, mean[:n])) + [("<padding>", sum(mean[n:]))]
+
+
 def main(argv=None) -> int:
     from ldm.build import build_model, load_config
     from ldm.toy.dataset import ToyCaptionDataset
@@ -48,8 +74,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", metavar="PROMPT", default=None, help="print the attention share of each token")
     args = p.parse_args(argv)
     model = build_model(load_config([args.config]), ckpt=args.ckpt)
+    if args.attention:
+        shares = attention_shares(model, args.attention, seed=args.seed)
+        print(f"cross-attention share per token (t=500, mean over every cross-attention layer, head and "
+              f"position; uniform = {100 / model.cond_stage_model.max_length:.1f}% per token):")
+        print("  ".join(f"{w} {100 * v:.1f}%" for w, v in shares))
+        return 0
     if args.split == "heldout":
         scenes = held_out_scenes()
     else:

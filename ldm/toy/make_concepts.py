@@ -73,6 +73,8 @@ def write_concepts(out: str | Path, count: int = 5, seed: int = 0, size: int = 3
                 "caption": caption(scene), "template": caption(scene, nouns=["{}"]),
             })
             rows.append((image, mask))
+        with atomic_path(folder / "captions.json") as tmp:   # per-image templates (PersonalizedDataset captions=)
+            tmp.write_text(json.dumps({i["file"]: i["template"] for i in images}, indent=1) + "\n")
         entries.append({"name": name, "phrase": concept.phrase, "superclass": concept.shape,
                         "pattern": concept.pattern, "colours": [list(c) for c in concept.colours],
                         "images": images})

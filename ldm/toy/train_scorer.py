@@ -20,20 +20,27 @@ import torch.nn.functional as F
 
 from ldm.toy.scorer import SLOTS, Scorer, ScorerNet
 from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, LOOKS, SHAPES, Geometry, Scene, render,
-                           sample_object, sample_positions)
+                           sample_object, sample_positions, sample_textured)
 
 SCORER_GEOMETRY = Geometry(size=(0.3, 0.45), jitter=0.065)
 IGNORE = -100  # label of an absent object's attributes, and of a concept's colour
 
 
-def scorer_scene(rng: np.random.Generator, p_concept: float = 0.25, geometry: Geometry = SCORER_GEOMETRY) -> Scene:
-    """0 (5%), 1 (40%) or 2 (55%) objects of any (colour, shape) pair or concept look."""
+def scorer_scene(rng: np.random.Generator, p_concept: float = 0.25, p_textured: float = 0.2,
+                 geometry: Geometry = SCORER_GEOMETRY) -> Scene:
+    """0 (5%), 1 (40%) or 2 (55%) objects of any (colour, shape) pair, concept look or generic
+    texture (labelled "plain": not a concept, so a look is only credited with its own pattern and colours)."""
     r = rng.random()
     count = 0 if r < 0.05 else 1 if r < 0.45 else 2
     objects = []
     for position in (sample_positions(rng, count) if count else ()):
-        look = LOOKS[1 + int(rng.integers(len(CONCEPTS)))] if rng.random() < p_concept else "plain"
-        objects.append(sample_object(rng, position, "all", look, geometry))
+        r = rng.random()
+        if r < p_concept:
+            objects.append(sample_object(rng, position, "all", LOOKS[1 + int(rng.integers(len(CONCEPTS)))], geometry))
+        elif r < p_concept + p_textured:
+            objects.append(sample_textured(rng, position, geometry))
+        else:
+            objects.append(sample_object(rng, position, "all", "plain", geometry))
     return Scene(tuple(objects), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
 
 
@@ -96,7 +103,7 @@ def scenes_from_seed(seed: int, count: int, make=scorer_scene) -> list[Scene]:
     return [make(np.random.default_rng([seed, i])) for i in range(count)]
 
 
-def train(samples: int = 16000, epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
+def train(samples: int = 24000, epochs: int = 5, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
           p_degrade: float = 0.7, log=print) -> tuple[ScorerNet, dict]:
     torch.manual_seed(seed)
     start = time.time()
@@ -133,8 +140,8 @@ def train(samples: int = 16000, epochs: int = 4, batch_size: int = 128, lr: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="ckpt/toy/scorer.safetensors", help="output file (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=16000, help="training renders (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=4, help="passes over them (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=24000, help="training renders (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over them (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of scenes, augmentation and weights (default: %(default)s)")
     args = parser.parse_args(argv)

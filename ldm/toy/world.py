@@ -85,19 +85,27 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     # orange upper half, blue lower half
     Concept("two_tone_ring", "two-tone ring", "ring", "halves", (COLOURS["orange"], COLOURS["blue"])),
 )}
-LOOKS: tuple[str, ...] = ("plain",) + tuple(CONCEPTS)
+LOOKS: tuple[str, ...] = ("plain",) + tuple(CONCEPTS)   # "plain": not one of the concepts
+PATTERNS: tuple[str, ...] = ("stripes", "dots", "halves")
+_COLOUR_NAME = {rgb: name for name, rgb in COLOURS.items()}
+# (pattern, colour, colour) of each concept: no generic texture may reproduce one.
+CONCEPT_TEXTURES = frozenset((c.pattern,) + tuple(_COLOUR_NAME[rgb] for rgb in c.colours) for c in CONCEPTS.values())
 
 
 @dataclass(frozen=True)
 class SceneObject:
     """One object. `size` is its diameter and `offset` its shift from the position's centre,
-    both as fractions of the image side. A concept look fixes the shape and has no colour."""
+    both as fractions of the image side. A concept look fixes the shape and has no colour.
+    `texture` (pattern, colour, colour) gives a plain object a two-colour pattern instead of one
+    colour: the pretraining world's "a star" (no colour named) is sometimes patterned, as a
+    superclass varies, but never with a concept's pattern and colours."""
     shape: str
     colour: str | None = None
     position: str | None = None
     look: str = "plain"
     size: float = DEFAULT_SIZE
     offset: tuple[float, float] = (0.0, 0.0)
+    texture: tuple[str, str, str] | None = None
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -114,6 +122,16 @@ class SceneObject:
                 raise ValueError(f"look {self.look!r} is a {concept.shape}, got shape {self.shape!r}")
             if self.colour is not None:
                 raise ValueError(f"look {self.look!r} has its own colours; colour must be None, got {self.colour!r}")
+        if self.texture is not None:
+            pattern, *pair = self.texture
+            if pattern not in PATTERNS or len(pair) != 2 or not set(pair) <= set(COLOURS) or pair[0] == pair[1]:
+                raise ValueError(f"texture must be (pattern, colour, other colour) with a pattern in "
+                                 f"{', '.join(PATTERNS)} and two colour names, got {self.texture!r}")
+            if tuple(self.texture) in CONCEPT_TEXTURES:
+                raise ValueError(f"texture {self.texture!r} is a concept's look; generic textures must differ")
+            if self.look != "plain" or self.colour is not None:
+                raise ValueError(f"a textured object has no colour and the plain look, got colour "
+                                 f"{self.colour!r}, look {self.look!r}")
         if not 0.05 <= self.size <= 0.6:
             raise ValueError(f"object size {self.size!r} is outside [0.05, 0.6] (fraction of the image side)")
 
@@ -223,23 +241,27 @@ def _background(name: str, side: int) -> Image.Image:
 
 def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.Image:
     """The colours of the object's surface (its look) over the whole canvas, before masking."""
-    if obj.look == "plain":
+    if obj.look != "plain":
+        concept = CONCEPTS[obj.look]
+        pattern, colours = concept.pattern, concept.colours
+    elif obj.texture is not None:
+        pattern, colours = obj.texture[0], tuple(COLOURS[c] for c in obj.texture[1:])
+    else:
         return Image.new("RGB", (side, side), COLOURS[obj.colour])
-    concept = CONCEPTS[obj.look]
-    a, b = (np.array(c, np.uint8) for c in concept.colours)
+    a, b = (np.array(c, np.uint8) for c in colours)
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
-    if concept.pattern == "stripes":
+    if pattern == "stripes":
         band = side * 2 / 32  # 2 px bands at 32x32, aligned on the object's centre
         second = np.floor((ys - cy) / band) % 2 == 1
-    elif concept.pattern == "dots":
+    elif pattern == "dots":
         step, radius = 0.3 * d, 0.1 * d  # 3x3 dots inside the square (half side 0.425 d)
         gx, gy = np.round((xs - cx) / step), np.round((ys - cy) / step)
         near = (np.abs(gx) <= 1) & (np.abs(gy) <= 1)
         second = near & ((xs - cx - gx * step) ** 2 + (ys - cy - gy * step) ** 2 <= radius ** 2)
-    elif concept.pattern == "halves":
+    elif pattern == "halves":
         second = ys >= cy
     else:
-        raise ValueError(f"unknown pattern {concept.pattern!r}")
+        raise ValueError(f"unknown pattern {pattern!r}")
     return Image.fromarray(np.where(second[..., None], b, a), "RGB")
 
 
@@ -257,7 +279,7 @@ def render(scene: Scene, size: int = 32) -> tuple[Image.Image, list[np.ndarray]]
     canvas = _background(scene.background, side).copy()
     masks_hi: list[Image.Image] = []
     for obj in scene.objects:
-        if obj.position is None or (obj.look == "plain" and obj.colour is None):
+        if obj.position is None or (obj.look == "plain" and obj.colour is None and obj.texture is None):
             raise ValueError(f"cannot render {describe(obj)!r}: position and colour (of a plain object) must be set")
         fx, fy = POSITIONS[obj.position]
         cx, cy, d = (fx + obj.offset[0]) * side, (fy + obj.offset[1]) * side, obj.size * side
@@ -308,19 +330,32 @@ def sample_object(rng: np.random.Generator, position: str, combos: str = "train"
     return SceneObject(shape, colour, position, size=size, offset=offset)
 
 
+def sample_textured(rng: np.random.Generator, position: str, geometry: Geometry = WORLD_GEOMETRY) -> SceneObject:
+    """An object of any shape with a generic texture: a pattern in two colours that is never a concept's."""
+    size = float(rng.uniform(*geometry.size))
+    jitter = geometry.jitter
+    offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
+    return SceneObject(_pick(rng, SHAPES), None, position, size=size, offset=offset, texture=_pick(rng, _TEXTURES))
+
+
 _ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+_TEXTURES = tuple((p, a, b) for p in PATTERNS for a in COLOURS for b in COLOURS
+                  if a != b and (p, a, b) not in CONCEPT_TEXTURES)
 _TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELD_OUT)
 _HELD_OUT_PAIRS = tuple(sorted(HELD_OUT))
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.6) -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.6, p_textured: float = 0.0) -> Scene:
     """A scene of the pretraining world ('train': no HELD_OUT pair, no concept) or a held-out
-    scene ('heldout': at least one object is a HELD_OUT pair, the other a training pair)."""
+    scene ('heldout': at least one object is a HELD_OUT pair, the other a training pair).
+    In 'train', each object is a generic textured one (`sample_textured`) with probability `p_textured`."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     positions = sample_positions(rng, 2 if rng.random() < p_two else 1)
     special = int(rng.integers(len(positions))) if split == "heldout" else -1
-    objects = tuple(sample_object(rng, p, "heldout" if i == special else "train") for i, p in enumerate(positions))
+    objects = tuple(
+        sample_textured(rng, p) if split == "train" and p_textured and rng.random() < p_textured
+        else sample_object(rng, p, "heldout" if i == special else "train") for i, p in enumerate(positions))
     return Scene(objects, _pick(rng, BACKGROUNDS))
 
 

@@ -8,6 +8,10 @@ the concept's position. Everything else is frozen.
 Gradient path (a choice the public implementations differ on): i* is a buffer, so no
 gradient flows through it; the embedding learns through the prompt encodings e that the
 edited projections receive, including the gate sim(e).
+
+`method` selects the paper's ablations (Sec. 5, Fig. 9) with everything else unchanged:
+"trained_keys" also learns one key output o*_K per layer (starting at W_K i_super) instead of
+locking it; "embedding" learns only the word embedding with the edit off (textual inversion).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.concepts import Concept, ConceptError, save_concept
+from ldm.concepts import METHODS, Concept, ConceptError, save_concept
 from ldm.covariance import load_covariance
 from ldm.data.templates import fill
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -45,9 +49,13 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         validation_prompts: Sequence[str] = ("a photo of a {}", "a {} on the beach"),
         log_sample_steps: int = 20,
         log_guidance_scale: float = 6.0,
+        method: str = "perfusion",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if method not in METHODS:
+            raise ValueError(f"model.params.method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
         tokenizer = self.cond_stage_model.tokenizer
         self.placeholder, self.superclass = placeholder, superclass
         self.placeholder_id = single_token_id(tokenizer, placeholder)
@@ -66,7 +74,10 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         # The embedding starts at the superclass word's (first batch, after the base weights are loaded).
         self.embedding = nn.Parameter(torch.zeros(self.cond_stage_model.token_embedding.weight.shape[1]))
         pairs = patch_cross_attention(self.model.diffusion_model)
-        self.o_star_v = nn.ParameterList([nn.Parameter(torch.zeros(v.out_features)) for _, v in pairs])
+        self.o_star_v = nn.ParameterList([nn.Parameter(torch.zeros(v.out_features), requires_grad=method != "embedding")
+                                          for _, v in pairs])
+        self.o_star_k = nn.ParameterList([nn.Parameter(torch.zeros(k.out_features)) for k, _ in pairs]
+                                         if method == "trained_keys" else [])
         d_ctx = pairs[0][0].in_features
         self.register_buffer("i_star", torch.zeros(d_ctx))
         self.register_buffer("i_super", torch.zeros(d_ctx))
@@ -80,7 +91,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def non_base_keys(self) -> list[str]:
         """Keys a base SD checkpoint does not carry (checkpoint loading must not report them)."""
         return [k for k in self.state_dict() if k in ("embedding", "i_star", "i_super", "initialized")
-                or k.startswith("o_star_v.")]
+                or k.startswith(("o_star_v.", "o_star_k."))]
 
     def fingerprints(self) -> dict[str, str]:
         return {
@@ -185,6 +196,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             self.i_super.copy_(e_super)
             for o_v, layer in zip(self.o_star_v, self.bank.values):
                 o_v.copy_(layer.weight.float() @ e_super)        # o*_V starts at W_V i_super
+            for o_k, layer in zip(self.o_star_k, self.bank.keys):
+                o_k.copy_(layer.weight.float() @ e_super)        # trained keys start at the locked W_K i_super
             self.initialized.fill_(True)
         else:
             d = self.ema_decay
@@ -192,8 +205,12 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             self.i_super.mul_(d).add_((1 - d) * e_super)
 
     def activate_training_concept(self, beta=None, tau=None):
+        if self.method == "embedding":
+            self.bank.clear()   # textual inversion: the projections stay the base model's
+            return
+        o_key = [k[None] for k in self.o_star_k] if self.method == "trained_keys" else None
         self.bank.set(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
-                      self.beta if beta is None else beta, self.tau if tau is None else tau)
+                      self.beta if beta is None else beta, self.tau if tau is None else tau, o_key=o_key)
 
     def shared_step(self, batch):
         self.ensure_covariance()
@@ -212,10 +229,12 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([
-            {"params": list(self.o_star_v.parameters()), "lr": self.lr_o_v, "name": "o_star_v"},
-            {"params": [self.embedding], "lr": self.lr_embedding, "name": "embedding"},
-        ], weight_decay=0.0)
+        groups = [{"params": [self.embedding], "lr": self.lr_embedding, "name": "embedding"}]
+        if self.method != "embedding":
+            groups.append({"params": list(self.o_star_v.parameters()), "lr": self.lr_o_v, "name": "o_star_v"})
+        if self.method == "trained_keys":
+            groups.append({"params": list(self.o_star_k.parameters()), "lr": self.lr_o_v, "name": "o_star_k"})
+        return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -227,7 +246,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         state = torch.cat([self.embedding.detach(), self.i_star, self.i_super] +
-                          [v.detach() for v in self.o_star_v]).float()
+                          [v.detach() for v in [*self.o_star_v, *self.o_star_k]]).float()
         gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, state)
         if not all(torch.equal(gathered[0], g) for g in gathered):
@@ -241,6 +260,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             embedding=self.embedding, i_star=self.i_star, i_super=self.i_super, o_star_v=list(self.o_star_v),
             placeholder=self.placeholder, superclass=self.superclass, train_beta=self.beta, train_tau=self.tau,
             fingerprints=getattr(self, "_fingerprints", None) or self.fingerprints(),
+            method=self.method, o_star_k=list(self.o_star_k) or None,
         )
 
     def save_concept(self, path: str | Path) -> Path:

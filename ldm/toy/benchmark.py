@@ -1,0 +1,374 @@
+"""The toy-world benchmark: does Perfusion do what the paper claims, measured by the scorer?
+
+    python -m ldm.toy.benchmark --out reports/toy-benchmark            # ~25 min on 2 CPU cores
+    python -m ldm.toy.benchmark --out /tmp/bench --quick               # smoke version (seconds)
+
+Trains every concept of data/toy/concepts with configs/toy/perfusion.yaml (main.py's own
+training loop) as Perfusion, with trained keys instead of locked ones (the paper's ablation),
+as textual inversion (the embedding alone) and as Perfusion without the mask, then renders a
+fixed set of prompts that were never used in training and lets the scorer judge every image:
+
+- concept fidelity: the concept's look (pattern and colours) is seen on the object that names it;
+- text alignment: every other requested attribute (positions, background, the other object's
+  shape and colour) is right.
+
+Per method (the two key-locking modes at sampling included, and the superclass word with no
+concept as the floor), the fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts
+in one prompt, concept file size and training time. Writes report.md, results.json,
+methods.png, beta_curve.png and samples.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs/toy/perfusion.yaml"
+CONCEPT_DIR = ROOT / "data/toy/concepts"
+
+# Evaluation scenes: the concept (object 0 or 1) in positions, backgrounds and company never used
+# in its training captions ("a {}"); the other objects are (colour, shape) pairs of pretraining.
+SCENE_SPECS: tuple[tuple, ...] = (
+    (("left",), (), None),
+    (("top",), (), "gray"),
+    (("centre",), (), "checkered"),
+    (("bottom",), (), "brown"),
+    (("right",), (("circle", "green", "left"),), None),
+    (("top",), (("cross", "white", "bottom"),), "black"),
+    (("right",), (("triangle", "red", "left"),), "black"),
+    (("bottom",), (("square", "yellow", "top"),), None),
+)
+BETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TAUS = (0.1, 0.15)
+BETA, BETA_GLOBAL, TAU = 0.7, 0.5, 0.15   # scripts/perfusion_txt2img.py defaults
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A trained concept variant: model.params.method, and whether the loss is masked."""
+    key: str
+    method: str
+    masks: bool
+
+
+VARIANTS = (Variant("perfusion", "perfusion", True), Variant("trained_keys", "trained_keys", True),
+            Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False))
+# (row label, variant trained, global key-locking at sampling); variant None: the superclass word alone
+METHODS = (
+    ("Perfusion, local key-locking", "perfusion", False),
+    ("Perfusion, global key-locking", "perfusion", True),
+    ("Trained keys (ablation)", "trained_keys", False),
+    ("Embedding only (textual inversion)", "embedding", False),
+    ("Perfusion, no mask in training", "perfusion_no_mask", False),
+    ("Superclass word, no concept", None, False),
+)
+
+
+def eval_scenes(concept: str, specs: Sequence[tuple] = SCENE_SPECS) -> list[Scene]:
+    """One request Scene per spec: the concept at its position, plain objects beside it."""
+    scenes = []
+    for (position,), others, background in specs:
+        objects = [SceneObject.concept(concept, position)] + [SceneObject(s, c, p) for s, c, p in others]
+        if position in ("right", "bottom") and others:   # the concept second in the caption, too
+            objects.reverse()
+        scenes.append(Scene(tuple(objects), background))
+    return scenes
+
+
+def concept_index(scene: Scene) -> list[int]:
+    return [i for i, o in enumerate(scene.objects) if o.look != "plain"]
+
+
+def templates(scenes: Sequence[Scene], nouns_for) -> list[str]:
+    """Captions with the concept objects named by `nouns_for(object)` ('{}', '{1}', 'star', ...)."""
+    return [caption(s, [nouns_for(o) if o.look != "plain" else None for o in s.objects]) for s in scenes]
+
+
+def judge(results: Sequence[dict], scenes: Sequence[Scene]) -> dict[str, float]:
+    """fidelity: concept objects whose look is right; alignment: all other requested attributes;
+    both: images where every concept's look is right."""
+    looks, others, both = [], [], []
+    for result, scene in zip(results, scenes):
+        concepts = concept_index(scene)
+        image_looks = [bool(result["objects"][i]["look"]) for i in concepts]
+        looks += image_looks
+        both.append(all(image_looks))
+        for i, obj in enumerate(result["objects"]):
+            attrs = ("position",) if i in concepts else ("shape", "colour", "position")
+            others += [bool(obj[a]) for a in attrs if obj[a] is not None]
+        if result["background"] is not None:
+            others.append(bool(result["background"]))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"fidelity": mean(looks), "alignment": mean(others), "both": mean(both), "images": len(results)}
+
+
+class Bench:
+    """The base model, scorer and sampling settings shared by every measurement."""
+
+    def __init__(self, seeds: int, steps: int, scale: float = 4.0):
+        from ldm.build import build_model, load_config
+        from ldm.toy.scorer import Scorer
+
+        config = load_config([CONFIG])
+        self.model = build_model(config, ckpt=config.model.ckpt)
+        self.model.ensure_covariance()
+        self.scorer = Scorer.load(ROOT / "ckpt/toy/scorer.safetensors")
+        self.seeds, self.steps, self.scale = seeds, steps, scale
+
+    def render(self, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
+        from ldm.sample import generate
+
+        batch = [p for p in prompts for _ in range(self.seeds)]
+        return generate(self.model, batch, steps=self.steps, scale=self.scale, height=32, width=32, seed=seed)
+
+    def measure(self, concepts: Sequence[Path], scenes: Sequence[Scene], nouns_for, beta=BETA, tau=TAU,
+                global_locking: bool = False) -> tuple[dict, torch.Tensor]:
+        """Load `concepts` (none: the base model), render the scenes' captions, judge them."""
+        from ldm.inference import load_concepts, prepare_prompt, unload_concepts
+
+        prompts = templates(scenes, nouns_for)
+        if concepts:
+            loaded = load_concepts(self.model, concepts, beta, tau, global_locking=global_locking)
+            tokenizer = self.model.cond_stage_model.tokenizer
+            prompts = [prepare_prompt(tokenizer, p, loaded, self.model.cond_stage_model.max_length - 2)
+                       for p in prompts]
+        try:
+            images = self.render(prompts)
+        finally:
+            unload_concepts(self.model)
+        requests = [s for s in scenes for _ in range(self.seeds)]
+        return judge(self.scorer.score(images, requests), requests), images
+
+
+def train_concept(name: str, variant: Variant, steps: int | None, logdir: Path) -> tuple[Path, float]:
+    """Train with main.py's loop; returns (concept file, wall seconds)."""
+    import main
+
+    info = CONCEPTS[name]
+    overrides = [f"data.params.data_root={CONCEPT_DIR / name}", f"model.params.superclass={info.shape}",
+                 f"model.params.method={variant.method}", f"data.params.use_masks={variant.masks}",
+                 "lightning.callbacks.image_logger.every_n_steps=1000000"]
+    if steps is not None:
+        overrides.append(f"lightning.trainer.max_steps={steps}")
+    start = time.perf_counter()
+    trainer = main.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),
+                        *overrides])
+    seconds = time.perf_counter() - start
+    return Path(trainer.default_root_dir) / "concepts" / "last.safetensors", seconds
+
+
+def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int, sample_steps: int,
+        specs: Sequence[tuple], betas: Sequence[float], log=print) -> dict:
+    from ldm.build import load_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    logdir = out / "runs"
+    started = time.perf_counter()
+    files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
+    training = {c: {} for c in concepts}
+    for name in concepts:
+        for variant in VARIANTS:
+            path, seconds = train_concept(name, variant, train_steps, logdir)
+            files[name][variant.key] = path
+            training[name][variant.key] = {"seconds": round(seconds, 1), "bytes": path.stat().st_size}
+            log(f"trained {name} / {variant.key} in {seconds:.0f} s")
+
+    bench = Bench(seeds, sample_steps)
+    methods: dict[str, dict] = {label: {} for label, _, _ in METHODS}
+    samples = []
+    for name in concepts:
+        scenes = eval_scenes(name, specs)
+        for label, key, global_locking in METHODS:
+            if key is None:
+                result, images = bench.measure([], scenes, lambda o: o.shape)
+            else:
+                result, images = bench.measure([files[name][key]], scenes, lambda o: "{}",
+                                               BETA_GLOBAL if global_locking else BETA, TAU, global_locking)
+            methods[label][name] = result
+            if name == concepts[0]:
+                samples.append(images[::bench.seeds])
+        log(f"measured the methods on {name}")
+
+    first = concepts[0]
+    curve = {str(tau): [] for tau in TAUS}
+    for tau in TAUS:
+        for beta in betas:
+            result, _ = bench.measure([files[first]["perfusion"]], eval_scenes(first, specs), lambda o: "{}", beta, tau)
+            curve[str(tau)].append({"beta": beta, **result})
+    log(f"measured the beta curve on {first}")
+
+    pairs = {}
+    for a, b in [(concepts[i], concepts[j]) for i in range(len(concepts)) for j in range(i + 1, len(concepts))]:
+        scenes = pair_scenes(a, b)
+        number = {a: "{1}", b: "{2}"}
+        result, _ = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], scenes,
+                                  lambda o: number[o.look], BETA, TAU)
+        pairs[f"{a} + {b}"] = result
+    log("measured two concepts per prompt")
+
+    results = {
+        "settings": {"concepts": list(concepts), "seeds": seeds,
+                     "train_steps": train_steps or int(load_config([CONFIG]).lightning.trainer.max_steps),
+                     "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
+                     "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
+        "methods": methods, "beta_curve": {"concept": first, **curve}, "pairs": pairs, "training": training,
+        "prompts": templates(eval_scenes(first, specs), lambda o: "{}"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_report(out, results, torch.cat(samples), [label for label, _, _ in METHODS])
+    return results
+
+
+def pair_scenes(a: str, b: str) -> list[Scene]:
+    return [Scene((SceneObject.concept(x, p), SceneObject.concept(y, q)), None)
+            for x, y in ((a, b), (b, a)) for p, q in (("left", "right"), ("top", "bottom"))]
+
+
+# ----------------------------------------------------------------------------- report
+def _mean(per_concept: dict) -> dict:
+    keys = ("fidelity", "alignment", "both")
+    return {k: sum(r[k] for r in per_concept.values()) / len(per_concept) for k in keys}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequence[str]) -> None:
+    from ldm.outputs import save_labelled_grid
+    from ldm.util import atomic_path
+
+    concepts = results["settings"]["concepts"]
+    s = results["settings"]
+    lines = ["# Toy-world benchmark", "",
+             f"`python -m ldm.toy.benchmark` — {len(concepts)} concepts, {s['prompts']} held-out prompts x "
+             f"{s['seeds']} seeds each, DDIM {s['sample_steps']} steps, guidance {s['guidance']}; "
+             f"training {s['train_steps']} steps; sampling "
+             f"beta {s['beta']} (global locking {s['beta_global']}), tau {s['tau']}; {s['threads']} CPU threads; "
+             f"{results['seconds'] / 60:.1f} min in all.", "",
+             "Fidelity: concept objects whose look (pattern and colours) the scorer sees. Alignment: every other "
+             "requested attribute (positions, background, the other object's shape and colour). Per cell: "
+             "fidelity / alignment, %.", "",
+             "## Methods", "",
+             "| method | " + " | ".join(concepts) + " | mean fidelity | mean alignment |",
+             "|---|" + "---|" * (len(concepts) + 2)]
+    for label, per in results["methods"].items():
+        m = _mean(per)
+        cells = " | ".join(f"{_pct(per[c]['fidelity'])} / {_pct(per[c]['alignment'])}" for c in concepts)
+        lines.append(f"| {label} | {cells} | **{_pct(m['fidelity'])}** | {_pct(m['alignment'])} |")
+    perfusion = _mean(results["methods"][labels[0]])["fidelity"]
+    floor = _mean(results["methods"][labels[-1]])["fidelity"]
+    lines += ["", f"Check: Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word "
+              f"alone: {'PASS (clearly above)' if perfusion >= floor + 0.2 else 'FAIL'} (threshold: 20 points).", "",
+              f"![methods](methods.png)", "", "![samples](samples.png)", "",
+              f"Samples: one seed per prompt for {concepts[0]}; rows in the order of the table.", "",
+              f"## Beta curve ({results['beta_curve']['concept']}, Perfusion, local key-locking)", "",
+              "| beta | " + " | ".join(f"tau {t}: fidelity / alignment" for t in TAUS) + " |",
+              "|---|" + "---|" * len(TAUS)]
+    curve = results["beta_curve"]
+    for i, point in enumerate(curve[str(TAUS[0])]):
+        cells = " | ".join(f"{_pct(curve[str(t)][i]['fidelity'])} / {_pct(curve[str(t)][i]['alignment'])}" for t in TAUS)
+        lines.append(f"| {point['beta']} | {cells} |")
+    lines += ["", "![beta curve](beta_curve.png)", "", "## Two concepts in one prompt", "",
+              "Prompts \"a {1} on the left and a {2} on the right\" (and top/bottom, both orders), Perfusion with "
+              "the exact multi-concept edit (Appendix B).", "",
+              "| concepts | both appear | fidelity (each) | alignment |", "|---|---|---|---|"]
+    for pair, r in results["pairs"].items():
+        lines.append(f"| {pair} | {_pct(r['both'])} | {_pct(r['fidelity'])} | {_pct(r['alignment'])} |")
+    lines += ["", "## Concept size and training time", "",
+              "| concept | variant | file bytes | training s |", "|---|---|---|---|"]
+    for c in concepts:
+        for key, t in results["training"][c].items():
+            lines.append(f"| {c} | {key} | {t['bytes']:,} | {t['seconds']} |")
+    lines += ["", "Training time is main.py's wall time (model build included) on this machine."]
+    with atomic_path(out / "report.md") as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "results.json") as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1))
+    big = torch.nn.functional.interpolate(samples, scale_factor=3, mode="nearest")
+    save_labelled_grid(big, out / "samples.png", [str(i + 1) for i in range(samples.shape[0] // len(labels))])
+    plot(out, results, labels)
+
+
+def plot(out: Path, results: dict, labels: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ldm.util import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    means = [_mean(results["methods"][label]) for label in labels]
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [100 * m["fidelity"] for m in means], 0.4, label="concept fidelity")
+    ax.bar([x + 0.2 for x in xs], [100 * m["alignment"] for m in means], 0.4, label="text alignment")
+    ax.set_xticks(list(xs), [label.replace(", ", ",\n").replace(" (", "\n(") for label in labels], fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Toy world: fidelity and alignment per method (mean over concepts)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out / "methods.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    for tau in TAUS:
+        points = results["beta_curve"][str(tau)]
+        ax.plot([100 * p["alignment"] for p in points], [100 * p["fidelity"] for p in points], "o-", label=f"tau {tau}")
+        for p in points:
+            ax.annotate(f"{p['beta']}", (100 * p["alignment"], 100 * p["fidelity"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("text alignment (%)")
+    ax.set_ylabel("concept fidelity (%)")
+    ax.set_title(f"beta sweep, {results['beta_curve']['concept']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "beta_curve.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/toy-benchmark", help="report folder (training runs go to OUT/runs)")
+    p.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated, of " + ", ".join(CONCEPTS))
+    p.add_argument("--train_steps", type=int, default=None, help="default: the config's max_steps")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--sample_steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke version: 2 concepts, 2 training steps, 3 prompts, 1 seed, 2 sampling steps, 2 betas")
+    args = p.parse_args(argv)
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    unknown = [c for c in concepts if c not in CONCEPTS]
+    if unknown or not concepts:
+        raise ValueError(f"--concepts {args.concepts!r}: expected names from {', '.join(CONCEPTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs, betas = SCENE_SPECS, BETAS
+    if args.quick:
+        concepts, specs, betas = concepts[:2], SCENE_SPECS[3:6], BETAS[2:4]
+        args.train_steps, args.seeds, args.sample_steps = 2, 1, 2
+    results = run(Path(args.out), concepts, args.train_steps, args.seeds, args.sample_steps, specs, betas)
+    m = results["methods"]
+    print(f"report: {Path(args.out) / 'report.md'} ({results['seconds'] / 60:.1f} min); mean fidelity: "
+          + ", ".join(f"{label} {_pct(_mean(per)['fidelity'])}%" for label, per in m.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from ldm.cli import run_cli
+
+    run_cli(main)

@@ -1,0 +1,105 @@
+"""Render a trained toy concept in new contexts, beside a second concept, and over a beta sweep.
+
+    python -m ldm.toy.showcase --concept logs/<run>/concepts/last.safetensors
+
+Writes three labelled grids to --out (4 seeds per column, images enlarged 4x):
+contexts.png (prompts never used in training), two_concepts.png (with --second, by default the
+shipped polka-dot square, or the striped star if that is the one given) and beta_sweep.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTEXTS = (
+    ("a {} at the top and a green circle on the left", "top, green circle"),
+    ("a {} on the right, on a checkered background", "right, checkered"),
+    ("a {} at the bottom and a white cross at the top", "bottom, white cross"),
+    ("a red triangle on the left and a {} on the right", "red triangle, right"),
+)
+PAIRS = (
+    ("a {1} on the left and a {2} on the right", "yours left, 2nd right"),
+    ("a {2} at the top and a {1} at the bottom", "2nd top, yours bottom"),
+)
+SWEEP_PROMPT = "a {} on the left, on a gray background"
+SHIPPED = ROOT / "ckpt/toy/concepts"
+
+
+def grid(model, loaded, prompts_labels, path: Path, seeds: int, steps: int, scale: float, seed: int) -> Path:
+    from ldm.inference import prepare_prompt
+    from ldm.outputs import save_labelled_grid
+    from ldm.sample import generate
+
+    tokenizer, limit = model.cond_stage_model.tokenizer, model.cond_stage_model.max_length - 2
+    prompts = [prepare_prompt(tokenizer, p, loaded, limit) for p, _ in prompts_labels]
+    # row r, column c: prompt c with seed r (row-major, as save_labelled_grid expects)
+    images = generate(model, [p for _ in range(seeds) for p in prompts], steps=steps, scale=scale,
+                      height=32, width=32, seed=seed)
+    big = F.interpolate(images, scale_factor=4, mode="nearest")
+    return save_labelled_grid(big, path, [label for _, label in prompts_labels],
+                              metadata={"prompts": [p for p, _ in prompts_labels], "seed": seed, "steps": steps,
+                                        "scale": scale, "betas": loaded.betas, "taus": loaded.taus})
+
+
+def main(argv=None) -> int:
+    from ldm.build import build_model, load_config
+    from ldm.inference import load_concepts, prepare_prompt, set_gates
+    from ldm.outputs import save_labelled_grid
+    from ldm.sample import generate
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="a concept file trained with configs/toy/perfusion.yaml")
+    p.add_argument("--second", default=None, help="a second concept (default: a shipped one from ckpt/toy/concepts)")
+    p.add_argument("--config", default=str(ROOT / "configs/toy/perfusion.yaml"))
+    p.add_argument("--beta", type=float, default=0.7)
+    p.add_argument("--tau", type=float, default=0.15)
+    p.add_argument("--betas", default="0.3,0.5,0.6,0.7,0.8,0.9", help="the sweep's beta values")
+    p.add_argument("--seeds", type=int, default=4, help="images per column")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/toy-showcase")
+    args = p.parse_args(argv)
+    try:
+        betas = [float(b) for b in args.betas.split(",")]
+    except ValueError:
+        raise ValueError(f"--betas {args.betas!r} is not a comma-separated list of numbers (e.g. 0.5,0.7)")
+    concept = Path(args.concept)
+    second = Path(args.second) if args.second else SHIPPED / "polka_dot_square.safetensors"
+    if second.resolve() == concept.resolve():
+        second = SHIPPED / "striped_star.safetensors"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_config([args.config])
+    model = build_model(config, ckpt=config.model.ckpt)
+    settings = dict(seeds=args.seeds, steps=args.steps, scale=args.scale, seed=args.seed)
+
+    loaded = load_concepts(model, [concept], args.beta, args.tau, names=[str(concept)])
+    written = [grid(model, loaded, CONTEXTS, out / "contexts.png", **settings)]
+    prompt = prepare_prompt(model.cond_stage_model.tokenizer, SWEEP_PROMPT, loaded, model.cond_stage_model.max_length - 2)
+    images = []
+    for beta in betas:   # the same seeds at every beta: only the gate changes
+        set_gates(model, loaded, beta, args.tau)
+        images.append(generate(model, [prompt] * args.seeds, steps=args.steps, scale=args.scale, height=32, width=32,
+                               seed=args.seed))
+    sweep_images = torch.stack(images, 1).flatten(0, 1)   # row = seed, column = beta
+    written.append(save_labelled_grid(F.interpolate(sweep_images, scale_factor=4, mode="nearest"),
+                                      out / "beta_sweep.png", [f"beta {b}" for b in betas],
+                                      metadata={"prompt": SWEEP_PROMPT, "betas": betas, "tau": args.tau}))
+
+    loaded = load_concepts(model, [concept, second], args.beta, args.tau, names=[str(concept), str(second)])
+    written.append(grid(model, loaded, PAIRS, out / "two_concepts.png", **settings))
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from ldm.cli import run_cli
+
+    run_cli(main)

@@ -1,0 +1,75 @@
+"""The toy-world benchmark (reduced: --quick) and the showcase, on the shipped toy weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from ldm.toy.benchmark import METHODS, eval_scenes, judge, main as benchmark, templates
+from ldm.toy.showcase import main as showcase
+from ldm.toy.world import Scene, SceneObject
+from tests.conftest import ROOT
+
+
+def test_eval_prompts_name_the_concept_once_and_are_not_training_captions():
+    scenes = eval_scenes("striped_star")
+    prompts = templates(scenes, lambda o: "{}")
+    assert all(p.count("{}") == 1 for p in prompts) and len(set(prompts)) == len(prompts)
+    trained = {t for name in ("striped_star", "polka_dot_square", "two_tone_ring")
+               for t in json.loads((ROOT / "data/toy/concepts" / name / "captions.json").read_text()).values()}
+    assert not trained & set(prompts)   # never a training caption
+    assert "a green circle on the left and a {} on the right" in prompts
+
+
+def test_judge_separates_the_look_from_the_rest():
+    scene = Scene((SceneObject.concept("striped_star", "left"), SceneObject("circle", "green", "right")), "gray")
+    result = {"objects": [{"shape": True, "colour": None, "position": True, "look": False, "plain_look": None},
+                          {"shape": True, "colour": False, "position": True, "look": None, "plain_look": True}],
+              "background": True, "count": True, "slots": ["left", "right"]}
+    scores = judge([result], [scene])
+    assert scores["fidelity"] == 0.0 and scores["both"] == 0.0
+    assert scores["alignment"] == pytest.approx(4 / 5)   # concept position, circle shape/colour/position, background
+
+
+def test_quick_benchmark_writes_a_complete_report(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark(["--out", str(out), "--quick", "--concepts", "two_tone_ring,striped_star"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == [label for label, _, _ in METHODS]
+    for per in results["methods"].values():
+        assert set(per) == {"two_tone_ring", "striped_star"}
+        assert all(0 <= r["fidelity"] <= 1 and 0 <= r["alignment"] <= 1 and r["images"] == 3 for r in per.values())
+    assert set(results["beta_curve"]) == {"concept", "0.1", "0.15"} and len(results["beta_curve"]["0.1"]) == 2
+    assert list(results["pairs"]) == ["two_tone_ring + striped_star"]
+    sizes = {k: v["bytes"] for k, v in results["training"]["striped_star"].items()}
+    assert sizes["trained_keys"] > sizes["perfusion"] + 1000 and abs(sizes["embedding"] - sizes["perfusion"]) < 64
+    assert sizes["perfusion"] < 20_000
+    report = (out / "report.md").read_text()
+    for heading in ("## Methods", "## Beta curve", "## Two concepts in one prompt", "## Concept size and training time"):
+        assert heading in report
+    assert "Check: Perfusion's fidelity" in report
+    for png in ("methods.png", "beta_curve.png", "samples.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+
+
+def test_showcase_renders_three_grids(tmp_path):
+    concept = ROOT / "ckpt/toy/concepts/two_tone_ring.safetensors"
+    assert showcase(["--concept", str(concept), "--out", str(tmp_path), "--seeds", "1", "--steps", "2",
+                     "--betas", "0.5,0.9"]) == 0
+    sizes = {}
+    for name in ("contexts.png", "two_concepts.png", "beta_sweep.png"):
+        with Image.open(tmp_path / name) as im:
+            sizes[name] = im.size
+    assert sizes["beta_sweep.png"][0] < sizes["contexts.png"][0]   # 2 betas against 4 prompts
+
+
+def test_attention_shares_cover_every_token_once():
+    from ldm.build import build_model, load_config
+    from ldm.toy.evaluate import attention_shares
+
+    model = build_model(load_config([ROOT / "configs/toy/ldm.yaml"]), ckpt=ROOT / "ckpt/toy/toy-ldm.safetensors")
+    shares = attention_shares(model, "a yellow star on the left")
+    assert [w for w, _ in shares] == ["<start>", "a", "yellow", "star", "on", "the", "left", "<end>", "<padding>"]
+    assert sum(v for _, v in shares) == pytest.approx(1.0, abs=1e-4)
