@@ -36,27 +36,15 @@ def prompt_accuracy(model, scorer: Scorer, scenes: Sequence[Scene], steps: int =
     return attribute_accuracy(results)
 
 
-@torch.no_grad()
 def attention_shares(model, prompt: str, t: int = 500, seed: int = 0) -> list[tuple[str, float]]:
     """Mean cross-attention probability per token (all layers, heads and query positions) for one
     noisy latent at timestep t; the padding after the prompt is pooled as '<padding>'."""
-    from ldm.modules.attention import cross_attention_layers
-
     encoder = model.cond_stage_model
     ids = encoder.tokenizer.encode(prompt)
-    shares = []
-    layers = [attn for _, attn in cross_attention_layers(model.model.diffusion_model)]
-    for attn in layers:
-        attn.attention_probs_hook = lambda module, probs: shares.append(probs.mean(dim=(0, 1, 2)))
-    try:
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(1, model.channels, model.image_size, model.image_size, generator=g)
-        model.apply_model(z, torch.tensor([t]), model.get_learned_conditioning([prompt]))
-    finally:
-        for attn in layers:
-            attn.attention_probs_hook = None
-    mean = torch.stack(shares).mean(0).tolist()
     n = len(ids) + 2   # start and end tokens
+    if n > encoder.max_length:
+        raise ValueError(f"prompt {prompt!r} is {n} tokens with start and end; this text encoder reads {encoder.max_length}")
+    mean = torch.stack([p.mean(dim=(0, 1)) for p in model.cross_attention_probs(prompt, t, seed)]).mean(0).tolist()
     words = ["<start>"] + [encoder.tokenizer.decode_token(i).replace("</w>", "") for i in ids] + ["<end>"]
     return list(zip(words, mean[:n])) + [("<padding>", sum(mean[n:]))]
 

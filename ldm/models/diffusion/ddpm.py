@@ -132,6 +132,26 @@ class LatentDiffusion(pl.LightningModule):
     def apply_model(self, x_noisy, t, cond):
         return self.model(x_noisy, t, cond)
 
+    @torch.no_grad()
+    def cross_attention_probs(self, prompt: str, t: int = 500, seed: int = 0) -> list[torch.Tensor]:
+        """softmax(q k^T) of every text cross-attention layer, (heads, Nq, Nk) float32 each, for
+        `prompt` on one seeded noise latent at timestep t (what the network attends to, not a sample)."""
+        from ldm.modules.attention import cross_attention_layers
+
+        probs = []
+        layers = [attn for _, attn in cross_attention_layers(self.model.diffusion_model)]
+        for attn in layers:
+            attn.attention_probs_hook = lambda module, p: probs.append(p[0])
+        try:
+            cond = self.get_learned_conditioning([prompt])
+            g = torch.Generator(device=self.device.type).manual_seed(seed)
+            z = torch.randn(1, self.channels, self.image_size, self.image_size, generator=g, device=self.device)
+            self.apply_model(z, torch.tensor([t], device=self.device), cond)
+        finally:
+            for attn in layers:
+                attn.attention_probs_hook = None
+        return probs
+
     def p_losses(self, x_start, cond, t, noise=None, weight=None):
         """Mean squared error of the network's eps (or v) prediction.
 

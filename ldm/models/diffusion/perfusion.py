@@ -295,29 +295,13 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def attention_picture(self, prompt: str, side: int, t: int = 500) -> torch.Tensor:
         """Where the placeholder token attends: cross-attention probabilities at its position,
         averaged over heads and layers (upsampled to the image), for one noisy latent at timestep t."""
-        from ldm.modules.attention import cross_attention_layers
-
         tokens = self.cond_stage_model.tokenize([prompt])
         pos = int(self._concept_positions(tokens, [self.placeholder_id], "placeholder", [prompt])[0])
         maps = []
-
-        def hook(module, probs):
-            n = probs.shape[2]
-            h = w = int(round(n ** 0.5))
-            m = probs[0, :, :, pos].mean(0).reshape(1, 1, h, w)
+        for probs in self.cross_attention_probs(prompt, t):
+            h = w = int(round(probs.shape[1] ** 0.5))
+            m = probs[:, :, pos].mean(0).reshape(1, 1, h, w)
             maps.append(F.interpolate(m.float(), size=(side, side), mode="bilinear", align_corners=False))
-
-        layers = [attn for _, attn in cross_attention_layers(self.model.diffusion_model)]
-        for attn in layers:
-            attn.attention_probs_hook = hook
-        try:
-            cond = self.get_learned_conditioning([prompt])
-            g = torch.Generator(device=self.device.type).manual_seed(0)
-            z = torch.randn(1, self.channels, self.image_size, self.image_size, generator=g, device=self.device)
-            self.apply_model(z, torch.tensor([t], device=self.device), cond)
-        finally:
-            for attn in layers:
-                attn.attention_probs_hook = None
         heat = torch.stack(maps).mean(0)
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
         return torch.cat([heat, heat ** 2, 1 - heat], dim=1).cpu()   # warm = attended
