@@ -202,9 +202,11 @@ def format_prompt(template: str, tokens: Sequence[str]) -> str:
     return _SLOT.sub(lambda m: tokens[int(m.group(1) or 1) - 1], template)
 
 
-def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts, max_tokens: int) -> str:
-    """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own."""
+def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts) -> str:
+    """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own
+    (and within the `tokenizer.max_length - 2` tokens it keeps between start and end)."""
     prompt = format_prompt(template, loaded.tokens)
+    max_tokens = tokenizer.max_length - 2
     ids = tokenizer.encode(prompt)
     slots = [int(s or 1) for s in _SLOT.findall(template)]
     for n, (token, token_id) in enumerate(zip(loaded.tokens, loaded.token_ids), start=1):

@@ -152,11 +152,10 @@ def main(argv=None) -> int:
     model, ckpt, weights_seed = build(args)
     loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths)
     tokenizer = model.cond_stage_model.tokenizer
-    max_tokens = model.cond_stage_model.max_length - 2
     side = model.image_size * model.first_stage_model.downsample_factor
     height, width = args.H or side, args.W or side
     shape = latent_shape(model, args.n_samples, height, width)
-    negative = prepare_prompt(tokenizer, args.negative_prompt, loaded, max_tokens)
+    negative = prepare_prompt(tokenizer, args.negative_prompt, loaded)
     fixed = initial_noise(shape, model.device, make_generator(args.seed, model.device)) if args.fixed_code else None
     settings = {
         "config": args.config, "ckpt": ckpt, "use_ema": args.use_ema, "negative_prompt": args.negative_prompt,
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
         settings["ddim_eta"] = args.ddim_eta
     written, grids, batch = [], [], 0
     for template in prompts:
-        prompt = prepare_prompt(tokenizer, template, loaded, max_tokens)
+        prompt = prepare_prompt(tokenizer, template, loaded)
         columns = sweep or [None]
         rows, metas = [], []
         for _ in range(args.n_iter):

@@ -79,12 +79,12 @@ def test_format_prompt():
 def test_prepare_prompt(model, cat):
     loaded = load_concepts(model, [cat], 0.7, 0.15)
     tokenizer = model.cond_stage_model.tokenizer
-    assert prepare_prompt(tokenizer, "a {}, on grass", loaded, 75) == "a sks, on grass"
-    assert prepare_prompt(tokenizer, "a {}2 on grass", loaded, 75) == "a sks2 on grass"
+    assert prepare_prompt(tokenizer, "a {}, on grass", loaded) == "a sks, on grass"
+    assert prepare_prompt(tokenizer, "a {}2 on grass", loaded) == "a sks2 on grass"
     with pytest.raises(ValueError, match=r"placeholder \{1\} merges with the characters next to it"):
-        prepare_prompt(tokenizer, "a {}s on grass", loaded, 75)
+        prepare_prompt(tokenizer, "a {}s on grass", loaded)
     with pytest.raises(ValueError, match="falls beyond the text encoder's limit of 75"):
-        prepare_prompt(tokenizer, "a cat " * 40 + "and a {}", loaded, 75)
+        prepare_prompt(tokenizer, "a cat " * 40 + "and a {}", loaded)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -275,7 +275,7 @@ def test_textual_inversion_concept_only_changes_the_placeholder_row(model, cat, 
     ti = replace(cat, method="embedding")
     loaded = load_concepts(model, [ti], 0.6, 0.15)
     assert not model.bank.active
-    prompt = prepare_prompt(model.cond_stage_model.tokenizer, "a photo of a {}", loaded, 75)
+    prompt = prepare_prompt(model.cond_stage_model.tokenizer, "a photo of a {}", loaded)
     set_gates(model, loaded, 0.5, 0.1)   # no gates to change: accepted, nothing happens
     encoder = model.cond_stage_model
     tokens = encoder.tokenize([prompt])
