@@ -104,9 +104,10 @@ class PersonalizedDataset(Dataset):
         missing = [p.name for p in self.paths if p.name not in table]
         if missing:
             raise ValueError(f"{path}: no caption for {len(missing)} image(s) ({', '.join(missing[:3])})")
-        for name in (p.name for p in self.paths):
-            fill(table[name], placeholder)   # raises ValueError naming a template without exactly one '{}'
-        return [table[p.name] for p in self.paths]
+        templates = [table[p.name] for p in self.paths]
+        for template in templates:
+            fill(template, placeholder)   # raises ValueError naming a template without exactly one '{}'
+        return templates
 
     @staticmethod
     def _read_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
@@ -148,9 +149,10 @@ class PersonalizedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = self._generator()
-        template = self.templates[int(torch.randint(len(self.templates), (), generator=rng))]
         if self.image_templates is not None:
             template = self.image_templates[index]
+        else:
+            template = self.templates[int(torch.randint(len(self.templates), (), generator=rng))]
         flip = bool(torch.rand((), generator=rng) < self.flip_p)
         image = self._images[index]
         mask = self._masks[index] if self._masks else None

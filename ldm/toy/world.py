@@ -314,28 +314,31 @@ def sample_positions(rng: np.random.Generator, count: int) -> tuple[str, ...]:
     return pair if rng.random() < 0.5 else pair[::-1]
 
 
+def _sample_geometry(rng: np.random.Generator, geometry: Geometry) -> dict:
+    """size and offset of one object (drawn in this order)."""
+    size = float(rng.uniform(*geometry.size))
+    jitter = geometry.jitter
+    return {"size": size, "offset": (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))}
+
+
 def sample_object(rng: np.random.Generator, position: str, combos: str = "train", look: str = "plain",
                   geometry: Geometry = WORLD_GEOMETRY) -> SceneObject:
     """An object at `position`; `combos` restricts (colour, shape): 'train' (not HELD_OUT),
     'heldout' (only HELD_OUT) or 'all'. A concept `look` ignores `combos`."""
-    size = float(rng.uniform(*geometry.size))
-    jitter = geometry.jitter
-    offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
+    placed = _sample_geometry(rng, geometry)
     if look != "plain":
-        return SceneObject.concept(look, position, size=size, offset=offset)
+        return SceneObject.concept(look, position, **placed)
     pairs = {"train": _TRAIN_PAIRS, "heldout": _HELD_OUT_PAIRS, "all": _ALL_PAIRS}.get(combos)
     if pairs is None:
         raise ValueError(f"combos must be 'train', 'heldout' or 'all', got {combos!r}")
     colour, shape = _pick(rng, pairs)
-    return SceneObject(shape, colour, position, size=size, offset=offset)
+    return SceneObject(shape, colour, position, **placed)
 
 
 def sample_textured(rng: np.random.Generator, position: str, geometry: Geometry = WORLD_GEOMETRY) -> SceneObject:
     """An object of any shape with a generic texture: a pattern in two colours that is never a concept's."""
-    size = float(rng.uniform(*geometry.size))
-    jitter = geometry.jitter
-    offset = (float(rng.uniform(-jitter, jitter)), float(rng.uniform(-jitter, jitter)))
-    return SceneObject(_pick(rng, SHAPES), None, position, size=size, offset=offset, texture=_pick(rng, _TEXTURES))
+    placed = _sample_geometry(rng, geometry)
+    return SceneObject(_pick(rng, SHAPES), None, position, texture=_pick(rng, _TEXTURES), **placed)
 
 
 _ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
