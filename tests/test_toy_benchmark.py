@@ -73,3 +73,16 @@ def test_attention_shares_cover_every_token_once():
     shares = attention_shares(model, "a yellow star on the left")
     assert [w for w, _ in shares] == ["<start>", "a", "yellow", "star", "on", "the", "left", "<end>", "<padding>"]
     assert sum(v for _, v in shares) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="is 26 tokens with start and end; this text encoder reads 24"):
+        attention_shares(model, "a star " * 12)
+
+
+@pytest.mark.parametrize("run,argv,message", [
+    (benchmark, ["--seeds", "0"], "--seeds must be a positive whole number, got 0"),
+    (benchmark, ["--concepts", "teddy"], "--concepts 'teddy': expected names from"),
+    (showcase, ["--concept", "x.safetensors", "--steps", "-1"], "--steps must be a positive whole number, got -1"),
+    (showcase, ["--concept", "x.safetensors", "--betas", "0.5,high"], "--betas '0.5,high' is not"),
+])
+def test_bad_arguments_are_one_line_errors(run, argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run([*argv, "--out", str(tmp_path)])

@@ -139,8 +139,7 @@ class Bench:
         if concepts:
             loaded = load_concepts(self.model, concepts, beta, tau, global_locking=global_locking)
             tokenizer = self.model.cond_stage_model.tokenizer
-            prompts = [prepare_prompt(tokenizer, p, loaded, self.model.cond_stage_model.max_length - 2)
-                       for p in prompts]
+            prompts = [prepare_prompt(tokenizer, p, loaded) for p in prompts]
         try:
             images = self.render(prompts)
         finally:
@@ -149,16 +148,14 @@ class Bench:
         return judge(self.scorer.score(images, requests), requests), images
 
 
-def train_concept(name: str, variant: Variant, steps: int | None, logdir: Path) -> tuple[Path, float]:
+def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tuple[Path, float]:
     """Train with main.py's loop; returns (concept file, wall seconds)."""
     import main
 
     info = CONCEPTS[name]
     overrides = [f"data.params.data_root={CONCEPT_DIR / name}", f"model.params.superclass={info.shape}",
                  f"model.params.method={variant.method}", f"data.params.use_masks={variant.masks}",
-                 "lightning.callbacks.image_logger.every_n_steps=1000000"]
-    if steps is not None:
-        overrides.append(f"lightning.trainer.max_steps={steps}")
+                 "lightning.callbacks.image_logger.every_n_steps=1000000", f"lightning.trainer.max_steps={steps}"]
     start = time.perf_counter()
     trainer = main.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),
                         *overrides])
@@ -170,6 +167,7 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
         specs: Sequence[tuple], betas: Sequence[float], log=print) -> dict:
     from ldm.build import load_config
 
+    train_steps = train_steps or int(load_config([CONFIG]).lightning.trainer.max_steps)
     out.mkdir(parents=True, exist_ok=True)
     logdir = out / "runs"
     started = time.perf_counter()
@@ -217,7 +215,7 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 
     results = {
         "settings": {"concepts": list(concepts), "seeds": seeds,
-                     "train_steps": train_steps or int(load_config([CONFIG]).lightning.trainer.max_steps),
+                     "train_steps": train_steps,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
                      "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
         "methods": methods, "beta_curve": {"concept": first, **curve}, "pairs": pairs, "training": training,
@@ -350,6 +348,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke version: 2 concepts, 2 training steps, 3 prompts, 1 seed, 2 sampling steps, 2 betas")
     args = p.parse_args(argv)
+    for flag in ("train_steps", "seeds", "sample_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive whole number, got {value}")
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown or not concepts:

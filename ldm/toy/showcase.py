@@ -30,26 +30,29 @@ SWEEP_PROMPT = "a {} on the left, on a gray background"
 SHIPPED = ROOT / "ckpt/toy/concepts"
 
 
+def save(images: torch.Tensor, path: Path, labels: list[str], metadata: dict) -> Path:
+    """Row-major images (one column per label), enlarged 4x, as a labelled grid."""
+    from ldm.outputs import save_labelled_grid
+
+    return save_labelled_grid(F.interpolate(images, scale_factor=4, mode="nearest"), path, labels, metadata=metadata)
+
+
 def grid(model, loaded, prompts_labels, path: Path, seeds: int, steps: int, scale: float, seed: int) -> Path:
     from ldm.inference import prepare_prompt
-    from ldm.outputs import save_labelled_grid
     from ldm.sample import generate
 
-    tokenizer, limit = model.cond_stage_model.tokenizer, model.cond_stage_model.max_length - 2
-    prompts = [prepare_prompt(tokenizer, p, loaded, limit) for p, _ in prompts_labels]
+    prompts = [prepare_prompt(model.cond_stage_model.tokenizer, p, loaded) for p, _ in prompts_labels]
     # row r, column c: prompt c with seed r (row-major, as save_labelled_grid expects)
     images = generate(model, [p for _ in range(seeds) for p in prompts], steps=steps, scale=scale,
                       height=32, width=32, seed=seed)
-    big = F.interpolate(images, scale_factor=4, mode="nearest")
-    return save_labelled_grid(big, path, [label for _, label in prompts_labels],
-                              metadata={"prompts": [p for p, _ in prompts_labels], "seed": seed, "steps": steps,
-                                        "scale": scale, "betas": loaded.betas, "taus": loaded.taus})
+    return save(images, path, [label for _, label in prompts_labels],
+                {"prompts": [p for p, _ in prompts_labels], "seed": seed, "steps": steps, "scale": scale,
+                 "betas": loaded.betas, "taus": loaded.taus})
 
 
 def main(argv=None) -> int:
     from ldm.build import build_model, load_config
     from ldm.inference import load_concepts, prepare_prompt, set_gates
-    from ldm.outputs import save_labelled_grid
     from ldm.sample import generate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
         betas = [float(b) for b in args.betas.split(",")]
     except ValueError:
         raise ValueError(f"--betas {args.betas!r} is not a comma-separated list of numbers (e.g. 0.5,0.7)")
+    for flag in ("seeds", "steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be a positive whole number, got {getattr(args, flag)}")
     concept = Path(args.concept)
     second = Path(args.second) if args.second else SHIPPED / "polka_dot_square.safetensors"
     if second.resolve() == concept.resolve():
@@ -81,16 +87,15 @@ def main(argv=None) -> int:
 
     loaded = load_concepts(model, [concept], args.beta, args.tau, names=[str(concept)])
     written = [grid(model, loaded, CONTEXTS, out / "contexts.png", **settings)]
-    prompt = prepare_prompt(model.cond_stage_model.tokenizer, SWEEP_PROMPT, loaded, model.cond_stage_model.max_length - 2)
+    prompt = prepare_prompt(model.cond_stage_model.tokenizer, SWEEP_PROMPT, loaded)
     images = []
     for beta in betas:   # the same seeds at every beta: only the gate changes
         set_gates(model, loaded, beta, args.tau)
         images.append(generate(model, [prompt] * args.seeds, steps=args.steps, scale=args.scale, height=32, width=32,
                                seed=args.seed))
     sweep_images = torch.stack(images, 1).flatten(0, 1)   # row = seed, column = beta
-    written.append(save_labelled_grid(F.interpolate(sweep_images, scale_factor=4, mode="nearest"),
-                                      out / "beta_sweep.png", [f"beta {b}" for b in betas],
-                                      metadata={"prompt": SWEEP_PROMPT, "betas": betas, "tau": args.tau}))
+    written.append(save(sweep_images, out / "beta_sweep.png", [f"beta {b}" for b in betas],
+                        {"prompt": SWEEP_PROMPT, "betas": betas, "tau": args.tau}))
 
     loaded = load_concepts(model, [concept, second], args.beta, args.tau, names=[str(concept), str(second)])
     written.append(grid(model, loaded, PAIRS, out / "two_concepts.png", **settings))
