@@ -26,7 +26,7 @@ RUN_DIR_ENV = "LDM_RUN_DIR"  # passed by the launching process to the DDP proces
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1", "y", "t"}, {"false", "no", "0", "n", "f"}
 OWN_TRAINER_KEYS = ("callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler",
                     "enable_checkpointing")
-CALLBACK_KEYS = ("concept_checkpoint", "checkpoint", "image_logger")
+CALLBACK_KEYS = ("concept_checkpoint", "checkpoint", "image_logger", "ema")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,7 +158,7 @@ def data_settings(config) -> tuple[int, int]:
 
 
 def make_callbacks(config, run_dir: Path, seed: int) -> list:
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 
     from ldm.callbacks import ConceptCheckpoint, ImageLogger, ResumeCheckpoint, SeedPerRank, StepProgressBar
 
@@ -168,7 +168,7 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
         raise ConfigError(f"lightning.callbacks.{unknown[0]} is unknown; known callbacks: {', '.join(CALLBACK_KEYS)}")
     params = {key: dict(section.get(key) or {}) for key in CALLBACK_KEYS}
     try:
-        return [
+        callbacks = [
             ConceptCheckpoint(run_dir / "concepts", **params["concept_checkpoint"]),
             ResumeCheckpoint(run_dir / "checkpoints", **params["checkpoint"]),
             ImageLogger(run_dir / "images", **params["image_logger"]),
@@ -176,6 +176,10 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
             SeedPerRank(seed),
             StepProgressBar(),
         ]
+        # An exponential moving average of the weights (Lightning's own), swapped in when training ends.
+        if "ema" in section:
+            callbacks.append(EMAWeightAveraging(**params["ema"]))
+        return callbacks
     except TypeError as err:
         raise ConfigError(f"lightning.callbacks: {err}") from err
 

@@ -40,6 +40,8 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     for per in results["methods"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= r["fidelity"] <= 1 and 0 <= r["alignment"] <= 1 and r["images"] == 3 for r in per.values())
+    assert set(results["autoencoder_ceiling"]) == {"two_tone_ring", "striped_star"}
+    assert all(0 <= r["fidelity"] <= 1 for r in results["autoencoder_ceiling"].values())
     assert set(results["beta_curve"]) == {"concept", "0.1", "0.15"} and len(results["beta_curve"]["0.1"]) == 2
     assert list(results["pairs"]) == ["two_tone_ring + striped_star"]
     sizes = {k: v["bytes"] for k, v in results["training"]["striped_star"].items()}
@@ -52,6 +54,16 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     for png in ("methods.png", "beta_curve.png", "samples.png"):
         with Image.open(out / png) as im:
             im.verify()
+
+
+def test_autoencoder_ceiling_reads_reconstructed_renders():
+    from ldm.toy.benchmark import Bench
+
+    bench = Bench(seeds=1, steps=1)
+    # the shipped autoencoder keeps the two-tone ring (measured 100 %) and loses the polka dots
+    # (measured 0 %): the ceiling tells the two apart
+    assert bench.autoencoder_ceiling(eval_scenes("two_tone_ring"))["fidelity"] >= 0.85
+    assert bench.autoencoder_ceiling(eval_scenes("polka_dot_square"))["fidelity"] <= 0.25
 
 
 def test_showcase_renders_three_grids(tmp_path):
@@ -73,8 +85,8 @@ def test_attention_shares_cover_every_token_once():
     shares = attention_shares(model, "a yellow star on the left")
     assert [w for w, _ in shares] == ["<start>", "a", "yellow", "star", "on", "the", "left", "<end>", "<padding>"]
     assert sum(v for _, v in shares) == pytest.approx(1.0, abs=1e-4)
-    with pytest.raises(ValueError, match="is 26 tokens with start and end; this text encoder reads 24"):
-        attention_shares(model, "a star " * 12)
+    with pytest.raises(ValueError, match="is 34 tokens with start and end; this text encoder reads 32"):
+        attention_shares(model, "a star " * 16)
 
 
 @pytest.mark.parametrize("run,argv,message", [

@@ -158,7 +158,7 @@ def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
         "data": {"target": "ldm.toy.dataset.ToyCaptionDataset", "params": {"n": 100, "seed": 0},
                  "batch_size": 2, "num_workers": 0},
         "lightning": {"trainer": {"max_steps": 2, "log_every_n_steps": 1},
-                      "callbacks": {"image_logger": {"every_n_steps": 100}}},
+                      "callbacks": {"image_logger": {"every_n_steps": 100}, "ema": {"decay": 0.5}}},
     }), data)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine are many times slower
@@ -170,6 +170,18 @@ def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
         torch.set_num_threads(threads)
     assert trainer.global_step == 2
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    # lightning.callbacks.ema: the trained module ends with the average (0.5 w1 + 0.5 w2), and the
+    # resume checkpoint keeps the last raw weights beside it
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    model = trainer.lightning_module
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+    averaged = dict(ema._average_model.module.named_parameters())
+    assert all(torch.equal(p, averaged[n]) for n, p in model.named_parameters())
+    (resume,) = (tmp_path / "logs").glob("*/checkpoints/last.ckpt")
+    raw = torch.load(resume, weights_only=True)["current_model_state"]
+    learned = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert learned and any(not torch.equal(raw[n], averaged[n]) for n in learned)
 
 
 @pytest.fixture(scope="module")
@@ -228,14 +240,16 @@ def test_scorer_file_errors(tmp_path):
 
 
 def test_generic_textures_render_two_colours_and_never_a_concept_look():
-    from ldm.toy.world import CONCEPT_TEXTURES, COLOURS, sample_textured
+    from ldm.toy.world import CONCEPT_TEXTURES, COLOURS, as_request, sample_textured
 
     obj = SceneObject("circle", None, "centre", texture=("stripes", "red", "green"), size=0.5)
     image, (mask,) = render(Scene((obj,), "black"))
     inside = np.asarray(image)[mask == 255]
     found = {tuple(px) for px in inside}
     assert found == {COLOURS["red"], COLOURS["green"]}
-    assert caption(Scene((obj,), "black")) == "a circle in the centre, on a black background"
+    assert caption(Scene((obj,), "black")) == "a red and green striped circle in the centre, on a black background"
+    assert caption(as_request(Scene((obj,), "black"), drop_colour=[True])) == "a circle in the centre, on a black background"
+    assert ("stripes", "blue", "yellow") in CONCEPT_TEXTURES   # the striped star's colours in either order
     for texture in CONCEPT_TEXTURES:
         with pytest.raises(ValueError, match="is a concept's look"):
             SceneObject("star", None, "left", texture=texture)
@@ -245,6 +259,20 @@ def test_generic_textures_render_two_colours_and_never_a_concept_look():
     drawn = [sample_textured(rng, "left") for _ in range(300)]
     assert not any(tuple(o.texture) in CONCEPT_TEXTURES for o in drawn)
     assert {o.texture[0] for o in drawn} == {"stripes", "dots", "halves"}
+
+
+def test_no_pretraining_caption_describes_a_concept():
+    from ldm.toy.world import CONCEPTS, look_words
+
+    assert look_words("striped_star") == "yellow and blue striped star"
+    phrases = set()
+    for name in CONCEPTS:
+        a, _, b, *rest = look_words(name).split(" ")
+        phrases |= {" ".join([a, "and", b, *rest]), " ".join([b, "and", a, *rest])}
+    world = ToyCaptionDataset(3000, seed=11, p_textured=0.6)
+    captions = [world[i]["caption"] for i in range(3000)]
+    assert sum(" striped " in c or " dotted " in c or " two-tone " in c for c in captions) > 1500
+    assert not [c for c in captions if any(p in c for p in phrases)]
 
 
 def test_dataset_textures_and_caption_dropout_are_their_own_streams():

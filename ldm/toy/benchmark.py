@@ -12,8 +12,8 @@ fixed set of prompts that were never used in training and lets the scorer judge 
 - text alignment: every other requested attribute (positions, background, the other object's
   shape and colour) is right.
 
-Per method (the two key-locking modes at sampling included, and the superclass word with no
-concept as the floor), the fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts
+Per method (the two key-locking modes at sampling included, the superclass word with no
+concept as the floor, and the look spelled out in words, a combination pretraining never named), the fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts
 in one prompt, concept file size and training time. Writes report.md, results.json,
 methods.png, beta_curve.png and samples.png to --out.
 """
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption
+from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption, look_words
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/toy/perfusion.yaml"
@@ -62,15 +63,19 @@ class Variant:
 
 VARIANTS = (Variant("perfusion", "perfusion", True), Variant("trained_keys", "trained_keys", True),
             Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False))
-# (row label, variant trained, global key-locking at sampling); variant None: the superclass word alone
+SUPERCLASS = "Superclass word, no concept"
+# (row label, variant trained, global key-locking at sampling); the last two rows load no concept
+# and name the object by NO_CONCEPT[key]
 METHODS = (
     ("Perfusion, local key-locking", "perfusion", False),
     ("Perfusion, global key-locking", "perfusion", True),
     ("Trained keys (ablation)", "trained_keys", False),
     ("Embedding only (textual inversion)", "embedding", False),
     ("Perfusion, no mask in training", "perfusion_no_mask", False),
-    ("Superclass word, no concept", None, False),
+    ("The look in words, no concept", "words", False),
+    (SUPERCLASS, "superclass", False),
 )
+NO_CONCEPT = {"words": lambda o: look_words(o.look), "superclass": lambda o: o.shape}
 
 
 def eval_scenes(concept: str, specs: Sequence[tuple] = SCENE_SPECS) -> list[Scene]:
@@ -123,6 +128,21 @@ class Bench:
         self.model.ensure_covariance()
         self.scorer = Scorer.load(ROOT / "ckpt/toy/scorer.safetensors")
         self.seeds, self.steps, self.scale = seeds, steps, scale
+
+    @torch.no_grad()
+    def autoencoder_ceiling(self, scenes: Sequence[Scene]) -> dict:
+        """The generator's own renders of `scenes` passed through the first stage (encode, decode):
+        the highest fidelity any method can reach through this autoencoder (a request that names no
+        background is drawn on black)."""
+        from dataclasses import replace
+
+        from ldm.toy.world import render
+
+        drawn = [render(replace(s, background=s.background or "black"))[0] for s in scenes]
+        x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in drawn])
+        z = self.model.encode_first_stage(x.float() / 127.5 - 1.0, sample=False)
+        images = ((self.model.decode_first_stage(z).clamp(-1, 1) + 1) / 2).cpu()
+        return judge(self.scorer.score(images, scenes), scenes)
 
     def render(self, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
         from ldm.sample import generate
@@ -182,18 +202,20 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 
     bench = Bench(seeds, sample_steps)
     methods: dict[str, dict] = {label: {} for label, _, _ in METHODS}
+    ceiling: dict[str, dict] = {}
     samples = []
     for name in concepts:
         scenes = eval_scenes(name, specs)
         for label, key, global_locking in METHODS:
-            if key is None:
-                result, images = bench.measure([], scenes, lambda o: o.shape)
+            if key in NO_CONCEPT:
+                result, images = bench.measure([], scenes, NO_CONCEPT[key])
             else:
                 result, images = bench.measure([files[name][key]], scenes, lambda o: "{}",
                                                BETA_GLOBAL if global_locking else BETA, TAU, global_locking)
             methods[label][name] = result
             if name == concepts[0]:
                 samples.append(images[::bench.seeds])
+        ceiling[name] = bench.autoencoder_ceiling(scenes)
         log(f"measured the methods on {name}")
 
     first = concepts[0]
@@ -218,7 +240,7 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
                      "train_steps": train_steps,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
                      "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
-        "methods": methods, "beta_curve": {"concept": first, **curve}, "pairs": pairs, "training": training,
+        "methods": methods, "autoencoder_ceiling": ceiling, "beta_curve": {"concept": first, **curve}, "pairs": pairs, "training": training,
         "prompts": templates(eval_scenes(first, specs), lambda o: "{}"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -263,8 +285,12 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
         m = _mean(per)
         cells = " | ".join(f"{_pct(per[c]['fidelity'])} / {_pct(per[c]['alignment'])}" for c in concepts)
         lines.append(f"| {label} | {cells} | **{_pct(m['fidelity'])}** | {_pct(m['alignment'])} |")
+    ceiling = results["autoencoder_ceiling"]
+    lines.append("| *ceiling: the concept's own renders through the autoencoder* | "
+                 + " | ".join(f"{_pct(ceiling[c]['fidelity'])}" for c in concepts)
+                 + f" | {_pct(_mean(ceiling)['fidelity'])} | |")
     perfusion = _mean(results["methods"][labels[0]])["fidelity"]
-    floor = _mean(results["methods"][labels[-1]])["fidelity"]
+    floor = _mean(results["methods"][SUPERCLASS])["fidelity"]
     lines += ["", f"Check: Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word "
               f"alone: {'PASS (clearly above)' if perfusion >= floor + 0.2 else 'FAIL'} (threshold: 20 points).", "",
               f"![methods](methods.png)", "", "![samples](samples.png)", "",

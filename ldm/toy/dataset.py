@@ -29,8 +29,9 @@ class ToyCaptionDataset(Dataset):
     learns the shorter phrasings ("a star on the left") that concept prompts use. With probability
     `p_drop_caption` the whole caption is "" (decided by its own stream, so the other items do not
     change), which teaches the unconditional prediction that classifier-free guidance needs.
-    `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"); their
-    captions name no colour ("a star"), so a superclass word covers varied looks, as in real data.
+    `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"),
+    captioned with it ("a red and green striped star") unless the colour is dropped ("a star"), so a
+    look can be put into words and a superclass word covers varied looks, as in real data.
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 32, split: str = "train",

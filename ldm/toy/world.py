@@ -87,9 +87,13 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
 )}
 LOOKS: tuple[str, ...] = ("plain",) + tuple(CONCEPTS)   # "plain": not one of the concepts
 PATTERNS: tuple[str, ...] = ("stripes", "dots", "halves")
+PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "dots": "dotted", "halves": "two-tone"}
 _COLOUR_NAME = {rgb: name for name, rgb in COLOURS.items()}
-# (pattern, colour, colour) of each concept: no generic texture may reproduce one.
-CONCEPT_TEXTURES = frozenset((c.pattern,) + tuple(_COLOUR_NAME[rgb] for rgb in c.colours) for c in CONCEPTS.values())
+# (pattern, colour, colour) of each concept, in both colour orders: no generic texture (on any
+# shape) may reproduce a concept's pattern and colours, so no caption of pretraining describes it.
+CONCEPT_TEXTURES = frozenset(
+    (c.pattern,) + tuple(_COLOUR_NAME[rgb] for rgb in colours)
+    for c in CONCEPTS.values() for colours in (c.colours, c.colours[::-1]))
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ class SceneObject:
     """One object. `size` is its diameter and `offset` its shift from the position's centre,
     both as fractions of the image side. A concept look fixes the shape and has no colour.
     `texture` (pattern, colour, colour) gives a plain object a two-colour pattern instead of one
-    colour: the pretraining world's "a star" (no colour named) is sometimes patterned, as a
-    superclass varies, but never with a concept's pattern and colours."""
+    colour ("a red and green striped star"), never a concept's pattern and colours: the text
+    conditioning of pretraining learns to express looks, and the superclass word ("a star", when
+    a caption leaves the look out) covers varied ones, as in real data."""
     shape: str
     colour: str | None = None
     position: str | None = None
@@ -165,12 +170,28 @@ def _article(word: str) -> str:
 
 
 def describe(obj: SceneObject, noun: str | None = None) -> str:
-    """'a red circle on the left'; `noun` replaces 'colour shape' (e.g. a concept's placeholder)."""
+    """'a red circle on the left', 'a red and green striped star'; `noun` replaces the look and shape
+    words (e.g. a concept's placeholder)."""
     if noun is None:
-        noun = CONCEPTS[obj.look].phrase if obj.look != "plain" else (
-            f"{obj.colour} {obj.shape}" if obj.colour is not None else obj.shape)
+        if obj.look != "plain":
+            noun = CONCEPTS[obj.look].phrase
+        elif obj.texture is not None:
+            noun = _textured_noun(*obj.texture, obj.shape)
+        else:
+            noun = f"{obj.colour} {obj.shape}" if obj.colour is not None else obj.shape
     words = f"{_article(noun)} {noun}"
     return words if obj.position is None else f"{words} {POSITION_PHRASES[obj.position]}"
+
+
+def _textured_noun(pattern: str, a: str, b: str, shape: str) -> str:
+    return f"{a} and {b} {PATTERN_WORDS[pattern]} {shape}"
+
+
+def look_words(name: str) -> str:
+    """A concept's look in the words of pretraining captions ('yellow and blue striped star'): a
+    combination no pretraining caption names, so the base model can only compose it."""
+    c = CONCEPTS[name]
+    return _textured_noun(c.pattern, *(_COLOUR_NAME[rgb] for rgb in c.colours), c.shape)
 
 
 def caption(scene: Scene, nouns: Sequence[str | None] | None = None) -> str:
@@ -396,9 +417,10 @@ def contains_concept(scene: Scene) -> bool:
 
 def as_request(scene: Scene, drop_colour: Sequence[bool] = (), drop_position: Sequence[bool] = (),
                drop_background: bool = False) -> Scene:
-    """The scene with the flagged fields set to None: what a less specific caption asks for."""
+    """The scene with the flagged fields set to None: what a less specific caption asks for
+    (dropping the colour of a textured object drops its texture words too: "a star")."""
     objects = tuple(
-        replace(o, colour=None if i < len(drop_colour) and drop_colour[i] else o.colour,
+        replace(o, **({"colour": None, "texture": None} if i < len(drop_colour) and drop_colour[i] else {}),
                 position=None if i < len(drop_position) and drop_position[i] else o.position)
         for i, o in enumerate(scene.objects))
     return Scene(objects, None if drop_background else scene.background)
