@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption, look_words
@@ -136,11 +135,10 @@ class Bench:
         background is drawn on black)."""
         from dataclasses import replace
 
-        from ldm.toy.world import render
+        from ldm.toy.train_scorer import render_set
 
-        drawn = [render(replace(s, background=s.background or "black"))[0] for s in scenes]
-        x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in drawn])
-        z = self.model.encode_first_stage(x.float() / 127.5 - 1.0, sample=False)
+        drawn = render_set([replace(s, background=s.background or "black") for s in scenes])
+        z = self.model.encode_first_stage(drawn.float() / 127.5 - 1.0, sample=False)
         images = ((self.model.decode_first_stage(z).clamp(-1, 1) + 1) / 2).cpu()
         return judge(self.scorer.score(images, scenes), scenes)
 
