@@ -157,6 +157,23 @@ def data_settings(config) -> tuple[int, int]:
     return batch_size, num_workers
 
 
+def ema_settings(params: dict) -> dict:
+    """Checked `lightning.callbacks.ema` settings: Lightning's EMAWeightAveraging takes any keyword
+    and would fail only inside training."""
+    unknown = sorted(set(params) - {"decay", "update_every_n_steps", "update_starting_at_step"})
+    if unknown:
+        raise ConfigError(f"lightning.callbacks.ema.{unknown[0]} is unknown; known: decay, update_every_n_steps, "
+                          "update_starting_at_step")
+    decay = params.get("decay", 0.999)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        raise ConfigError(f"lightning.callbacks.ema.decay must be a number in (0, 1), got {decay!r}")
+    for key, least in (("update_every_n_steps", 1), ("update_starting_at_step", 0)):
+        value = params.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"lightning.callbacks.ema.{key} must be a whole number >= {least}, got {value!r}")
+    return params
+
+
 def make_callbacks(config, run_dir: Path, seed: int) -> list:
     from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 
@@ -178,7 +195,7 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
         ]
         # An exponential moving average of the weights (Lightning's own), swapped in when training ends.
         if "ema" in section:
-            callbacks.append(EMAWeightAveraging(**params["ema"]))
+            callbacks.append(EMAWeightAveraging(**ema_settings(params["ema"])))
         return callbacks
     except TypeError as err:
         raise ConfigError(f"lightning.callbacks: {err}") from err
