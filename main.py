@@ -158,8 +158,7 @@ def data_settings(config) -> tuple[int, int]:
 
 
 def ema_settings(params: dict) -> dict:
-    """Checked `lightning.callbacks.ema` settings: Lightning's EMAWeightAveraging takes any keyword
-    and would fail only inside training."""
+    """Checked `lightning.callbacks.ema` settings (ldm.callbacks.EMA), each with a one-line error."""
     unknown = sorted(set(params) - {"decay", "update_every_n_steps", "update_starting_at_step"})
     if unknown:
         raise ConfigError(f"lightning.callbacks.ema.{unknown[0]} is unknown; known: decay, update_every_n_steps, "
@@ -175,9 +174,9 @@ def ema_settings(params: dict) -> dict:
 
 
 def make_callbacks(config, run_dir: Path, seed: int) -> list:
-    from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from ldm.callbacks import ConceptCheckpoint, ImageLogger, ResumeCheckpoint, SeedPerRank, StepProgressBar
+    from ldm.callbacks import EMA, ConceptCheckpoint, ImageLogger, ResumeCheckpoint, SeedPerRank, StepProgressBar
 
     section = config.get("lightning", {}).get("callbacks", {}) or {}
     unknown = sorted(set(section) - set(CALLBACK_KEYS))
@@ -193,9 +192,8 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
             SeedPerRank(seed),
             StepProgressBar(),
         ]
-        # An exponential moving average of the weights (Lightning's own), swapped in when training ends.
-        if "ema" in section:
-            callbacks.append(EMAWeightAveraging(**ema_settings(params["ema"])))
+        if "ema" in section:   # an exponential moving average of the weights, swapped in when training ends
+            callbacks.append(EMA(**ema_settings(params["ema"])))
         return callbacks
     except TypeError as err:
         raise ConfigError(f"lightning.callbacks: {err}") from err

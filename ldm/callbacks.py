@@ -14,10 +14,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import CheckpointError
@@ -191,6 +192,23 @@ class ImageLogger(_EveryNSteps):
             if tensorboard is not None:
                 tensorboard.add_image(f"{self.split}/{name}", grid, global_step=step)
             save_png(to_pil(grid), self.dirpath / f"{name.replace('/', '_')}_step_{step:06d}.png")
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights, swapped into the module when training ends
+    (Lightning's WeightAveraging; `last.ckpt` keeps the raw weights beside it). The average is
+    updated with one foreach lerp over all tensors (`get_ema_multi_avg_fn`), about 4x faster on the
+    CPU than the per-tensor update of Lightning's EMAWeightAveraging (the same numbers up to rounding;
+    `python scripts/benchmark.py ema`)."""
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: int = 0):
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay, self.update_every_n_steps = decay, update_every_n_steps
+        self.update_starting_at_step = update_starting_at_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return (step_idx is not None and step_idx >= self.update_starting_at_step
+                and step_idx % self.update_every_n_steps == 0)
 
 
 class SeedPerRank(Callback):

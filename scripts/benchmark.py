@@ -3,6 +3,7 @@
     python scripts/benchmark.py concept-size --config configs/perfusion_teddy.yaml --out /tmp/concept.safetensors
     python scripts/benchmark.py train-step   --config configs/tiny/perfusion-tiny.yaml
     python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml [--concepts 2]
+    python scripts/benchmark.py ema          --config configs/toy/ldm.yaml
 
 Timings are ratios of two variants measured alternately in one process (these machines are
 noisy); each figure is the median over --repeats rounds.
@@ -201,6 +202,31 @@ class _EditOff:
         self.model.activate_training_concept = self.saved
 
 
+def ema(args) -> int:
+    """One EMA update of a model's weights: per tensor (Lightning's EMAWeightAveraging) against one
+    foreach lerp over all tensors (ldm.callbacks.EMA), and the largest difference between the two."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+
+    config = load_config([args.config], args.overrides)
+    model = instantiate_from_config(config.model)
+    decay = 0.999
+    per_tensor = AveragedModel(model, avg_fn=get_ema_avg_fn(decay))
+    foreach = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    times = {"per_tensor": [], "foreach": []}
+    for _ in range(args.repeats):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-3)   # a training step's change
+        times["per_tensor"].append(_time(lambda: per_tensor.update_parameters(model), warmup=0))
+        times["foreach"].append(_time(lambda: foreach.update_parameters(model), warmup=0))
+    diff = max((a - b).abs().max().item() for a, b in zip(per_tensor.parameters(), foreach.parameters()))
+    t = {k: statistics.median(v[1:]) for k, v in times.items()}   # the first update only copies
+    print(f"{count_params(model) / 1e6:.1f}M parameters in {len(list(model.parameters()))} tensors, "
+          f"{torch.get_num_threads()} threads: per-tensor EMA update {t['per_tensor'] * 1e3:.1f} ms, foreach "
+          f"{t['foreach'] * 1e3:.1f} ms, ratio {t['per_tensor'] / t['foreach']:.1f}x; largest difference {diff:.1e}")
+    return 0
+
+
 def _peak_memory() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA, all variants)"
@@ -230,6 +256,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concepts", type=int, default=1, help="how many concepts are loaded (Appendix B, exact)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
     s.set_defaults(func=sample)
+    s = sub.add_parser("ema", help="time of an EMA weight update, per tensor against foreach")
+    s.add_argument("--config", required=True)
+    s.add_argument("--repeats", type=int, default=15)
+    s.set_defaults(func=ema)
     for s in sub.choices.values():
         s.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p

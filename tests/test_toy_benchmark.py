@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from ldm.toy.benchmark import METHODS, eval_scenes, judge, main as benchmark, templates
+from ldm.toy.benchmark import METHODS, eval_scenes, judge, main as benchmark, p_above, templates
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import Scene, SceneObject
 from tests.conftest import ROOT
@@ -30,6 +30,17 @@ def test_judge_separates_the_look_from_the_rest():
     scores = judge([result], [scene])
     assert scores["fidelity"] == 0.0 and scores["both"] == 0.0
     assert scores["alignment"] == pytest.approx(4 / 5)   # concept position, circle shape/colour/position, background
+    assert scores["looks"] == 1
+
+
+@pytest.mark.parametrize("table", [(10, 96, 0, 96), (3, 32, 1, 32), (0, 20, 5, 20), (7, 9, 2, 11)])
+def test_p_above_is_fishers_exact_test(table):
+    from scipy.stats import fisher_exact   # scipy comes with scikit-image
+
+    hits, n, floor_hits, floor_n = table
+    _, expected = fisher_exact([[hits, n - hits], [floor_hits, floor_n - floor_hits]], alternative="greater")
+    assert p_above(*table) == pytest.approx(expected, rel=1e-9)
+    assert p_above(1, 1, 0, 1) == 0.5   # one success, either group equally likely
 
 
 def test_quick_benchmark_writes_a_complete_report(tmp_path):

@@ -172,10 +172,10 @@ def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     # lightning.callbacks.ema: the trained module ends with the average (0.5 w1 + 0.5 w2), and the
     # resume checkpoint keeps the last raw weights beside it
-    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from ldm.callbacks import EMA
 
     model = trainer.lightning_module
-    ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
     averaged = dict(ema._average_model.module.named_parameters())
     assert all(torch.equal(p, averaged[n]) for n, p in model.named_parameters())
     (resume,) = (tmp_path / "logs").glob("*/checkpoints/last.ckpt")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -112,7 +113,16 @@ def judge(results: Sequence[dict], scenes: Sequence[Scene]) -> dict[str, float]:
         if result["background"] is not None:
             others.append(bool(result["background"]))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return {"fidelity": mean(looks), "alignment": mean(others), "both": mean(both), "images": len(results)}
+    return {"fidelity": mean(looks), "alignment": mean(others), "both": mean(both), "images": len(results),
+            "looks": len(looks)}
+
+
+def p_above(hits: int, n: int, floor_hits: int, floor_n: int) -> float:
+    """One-sided Fisher exact test: the probability of `hits` or more of the pooled successes
+    landing in the first group if both groups had the same rate (hypergeometric upper tail)."""
+    total = hits + floor_hits
+    tail = sum(math.comb(n, k) * math.comb(floor_n, total - k) for k in range(hits, min(n, total) + 1))
+    return tail / math.comb(n + floor_n, total)
 
 
 class Bench:
@@ -257,6 +267,12 @@ def _mean(per_concept: dict) -> dict:
     return {k: sum(r[k] for r in per_concept.values()) / len(per_concept) for k in keys}
 
 
+def _pooled(per_concept: dict) -> dict:
+    """Fidelity over all concept objects of all concepts, and their number."""
+    looks = sum(r["looks"] for r in per_concept.values())
+    return {"fidelity": sum(r["fidelity"] * r["looks"] for r in per_concept.values()) / looks, "looks": looks}
+
+
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
 
@@ -289,8 +305,12 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                  + f" | {_pct(_mean(ceiling)['fidelity'])} | |")
     perfusion = _mean(results["methods"][labels[0]])["fidelity"]
     floor = _mean(results["methods"][SUPERCLASS])["fidelity"]
+    counts = [(round(r["fidelity"] * r["looks"]), r["looks"])
+              for key in (labels[0], SUPERCLASS) for r in [_pooled(results["methods"][key])]]
     lines += ["", f"Check: Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word "
-              f"alone: {'PASS (clearly above)' if perfusion >= floor + 0.2 else 'FAIL'} (threshold: 20 points).", "",
+              f"alone: {'PASS (clearly above)' if perfusion >= floor + 0.2 else 'FAIL'} (threshold: 20 points). "
+              f"Looks seen: {counts[0][0]} of {counts[0][1]} against {counts[1][0]} of {counts[1][1]}; one-sided "
+              f"Fisher exact p = {p_above(*counts[0], *counts[1]):.2g}.", "",
               f"![methods](methods.png)", "", "![samples](samples.png)", "",
               f"Samples: one seed per prompt for {concepts[0]}; rows in the order of the table.", "",
               f"## Beta curve ({results['beta_curve']['concept']}, Perfusion, local key-locking)", "",
