@@ -12,9 +12,10 @@ fixed set of prompts that were never used in training and lets the scorer judge 
 - text alignment: every other requested attribute (positions, background, the other object's
   shape and colour) is right.
 
-Per method (the two key-locking modes at sampling included, the superclass word with no
-concept as the floor, and the look spelled out in words, a combination pretraining never named), the fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts
-in one prompt, concept file size and training time. Writes report.md, results.json,
+Per method (the two key-locking modes at sampling included, the superclass word with no concept
+as the floor, and the look spelled out in words, a combination pretraining never named), the
+fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts in one prompt, concept file
+size and training time. Writes report.md, results.json,
 methods.png, beta_curve.png and samples.png to --out.
 """
 from __future__ import annotations
@@ -248,7 +249,8 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
                      "train_steps": train_steps,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
                      "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
-        "methods": methods, "autoencoder_ceiling": ceiling, "beta_curve": {"concept": first, **curve}, "pairs": pairs, "training": training,
+        "methods": methods, "autoencoder_ceiling": ceiling, "beta_curve": {"concept": first, **curve},
+        "pairs": pairs, "training": training,
         "prompts": templates(eval_scenes(first, specs), lambda o: "{}"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -267,10 +269,10 @@ def _mean(per_concept: dict) -> dict:
     return {k: sum(r[k] for r in per_concept.values()) / len(per_concept) for k in keys}
 
 
-def _pooled(per_concept: dict) -> dict:
-    """Fidelity over all concept objects of all concepts, and their number."""
-    looks = sum(r["looks"] for r in per_concept.values())
-    return {"fidelity": sum(r["fidelity"] * r["looks"] for r in per_concept.values()) / looks, "looks": looks}
+def _looks_seen(per_concept: dict) -> tuple[int, int]:
+    """(concept objects whose look was seen, all concept objects), over every concept."""
+    return (round(sum(r["fidelity"] * r["looks"] for r in per_concept.values())),
+            sum(r["looks"] for r in per_concept.values()))
 
 
 def _pct(x: float) -> str:
@@ -305,8 +307,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                  + f" | {_pct(_mean(ceiling)['fidelity'])} | |")
     perfusion = _mean(results["methods"][labels[0]])["fidelity"]
     floor = _mean(results["methods"][SUPERCLASS])["fidelity"]
-    counts = [(round(r["fidelity"] * r["looks"]), r["looks"])
-              for key in (labels[0], SUPERCLASS) for r in [_pooled(results["methods"][key])]]
+    counts = [_looks_seen(results["methods"][label]) for label in (labels[0], SUPERCLASS)]
     lines += ["", f"Check: Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word "
               f"alone: {'PASS (clearly above)' if perfusion >= floor + 0.2 else 'FAIL'} (threshold: 20 points). "
               f"Looks seen: {counts[0][0]} of {counts[0][1]} against {counts[1][0]} of {counts[1][1]}; one-sided "
