@@ -235,6 +235,19 @@ def _peak_memory() -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS, all variants)"
 
 
+def _at_least(least: int):
+    """An argparse type: a whole number >= `least` (a median needs rounds to take it over)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,20 +258,20 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-step", help="time of a Perfusion training step relative to plain fine-tuning")
     s.add_argument("--config", required=True)
     s.add_argument("--batch_size", type=int, default=4)
-    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--repeats", type=_at_least(1), default=7)
     s.set_defaults(func=train_step)
     s = sub.add_parser("sample", help="time of Perfusion sampling relative to the base model's")
     s.add_argument("--config", required=True)
     s.add_argument("--batch_size", type=int, default=2)
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--scale", type=float, default=6.0)
-    s.add_argument("--repeats", type=int, default=9)
+    s.add_argument("--repeats", type=_at_least(1), default=9)
     s.add_argument("--concepts", type=int, default=1, help="how many concepts are loaded (Appendix B, exact)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
     s.set_defaults(func=sample)
     s = sub.add_parser("ema", help="time of an EMA weight update, per tensor against foreach")
     s.add_argument("--config", required=True)
-    s.add_argument("--repeats", type=int, default=15)
+    s.add_argument("--repeats", type=_at_least(2), default=15, help="the first update only copies; the rest are timed")
     s.set_defaults(func=ema)
     for s in sub.choices.values():
         s.add_argument("overrides", nargs="*", help="key=value config overrides")

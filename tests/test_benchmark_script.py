@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import re
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -23,3 +25,12 @@ def test_ema_benchmark_times_both_updates_and_they_agree(capsys):
     per_tensor, foreach, ratio, diff = map(float, found.groups())
     assert per_tensor > 0 and foreach > 0 and ratio > 0
     assert diff < 1e-5   # the same average, up to float rounding
+
+
+def test_too_few_repeats_is_a_one_line_error(capsys):
+    script = _script()
+    for argv, message in ((["ema", "--repeats", "1"], "--repeats: expected a whole number >= 2, got '1'"),
+                          (["train-step", "--repeats", "0"], "--repeats: expected a whole number >= 1, got '0'")):
+        with pytest.raises(SystemExit):
+            script.main([*argv, "--config", str(ROOT / "configs/tiny/v1-tiny.yaml")])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
