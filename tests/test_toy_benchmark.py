@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from ldm.toy.benchmark import METHODS, eval_scenes, judge, main as benchmark, p_above, templates
@@ -58,6 +59,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     sizes = {k: v["bytes"] for k, v in results["training"]["striped_star"].items()}
     assert sizes["trained_keys"] > sizes["perfusion"] + 1000 and abs(sizes["embedding"] - sizes["perfusion"]) < 64
     assert sizes["perfusion"] < 20_000
+    assert sizes["full_unet"] > 1000 * sizes["perfusion"]   # the reference stores a whole U-Net
     report = (out / "report.md").read_text()
     for heading in ("## Methods", "## Beta curve", "## Two concepts in one prompt", "## Concept size and training time"):
         assert heading in report
@@ -109,3 +111,15 @@ def test_attention_shares_cover_every_token_once():
 def test_bad_arguments_are_one_line_errors(run, argv, message, tmp_path):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         run([*argv, "--out", str(tmp_path)])
+
+
+def test_full_finetune_moves_only_the_unet():
+    from ldm.build import build_model, load_config
+    from ldm.toy.full_finetune import LDM_CKPT, LDM_CONFIG, finetune
+
+    base = build_model(load_config([LDM_CONFIG]), ckpt=LDM_CKPT).state_dict()
+    model, seconds = finetune(ROOT / "data/toy/concepts/two_tone_ring", "ring", steps=2)
+    tuned = model.state_dict()
+    changed = {k.split(".")[0] for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed == {"model"} and seconds > 0   # the U-Net moved; autoencoder and text encoder did not
+    assert not model.training

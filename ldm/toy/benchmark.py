@@ -13,7 +13,8 @@ fixed set of prompts that were never used in training and lets the scorer judge 
   shape and colour) is right.
 
 Per method (the two key-locking modes at sampling included, the superclass word with no concept
-as the floor, and the look spelled out in words, a combination pretraining never named), the
+as the floor, the look spelled out in words, a combination pretraining never named, and for
+reference the whole U-Net fine-tuned on the concept's images, ldm.toy.full_finetune), the
 fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts in one prompt, concept file
 size and training time. Writes report.md, results.json,
 methods.png, beta_curve.png and samples.png to --out.
@@ -31,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from ldm.toy import full_finetune
 from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption, look_words
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,8 +67,9 @@ class Variant:
 VARIANTS = (Variant("perfusion", "perfusion", True), Variant("trained_keys", "trained_keys", True),
             Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False))
 SUPERCLASS = "Superclass word, no concept"
-# (row label, variant trained, global key-locking at sampling); the last two rows load no concept
-# and name the object by NO_CONCEPT[key]
+FULL_UNET = "Whole U-Net fine-tuned, superclass word (reference)"
+# (row label, variant trained, global key-locking at sampling); the last three rows load no concept
+# and name the object by NO_CONCEPT[key] (the last one with a fine-tuned U-Net)
 METHODS = (
     ("Perfusion, local key-locking", "perfusion", False),
     ("Perfusion, global key-locking", "perfusion", True),
@@ -75,8 +78,10 @@ METHODS = (
     ("Perfusion, no mask in training", "perfusion_no_mask", False),
     ("The look in words, no concept", "words", False),
     (SUPERCLASS, "superclass", False),
+    (FULL_UNET, "full_unet", False),
 )
-NO_CONCEPT = {"words": lambda o: look_words(o.look), "superclass": lambda o: o.shape}
+NO_CONCEPT = {"words": lambda o: look_words(o.look), "superclass": lambda o: o.shape,
+              "full_unet": lambda o: o.shape}
 
 
 def eval_scenes(concept: str, specs: Sequence[tuple] = SCENE_SPECS) -> list[Scene]:
@@ -153,11 +158,15 @@ class Bench:
         images = ((self.model.decode_first_stage(z).clamp(-1, 1) + 1) / 2).cpu()
         return judge(self.scorer.score(images, scenes), scenes)
 
-    def render(self, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
+    def score(self, prompts: Sequence[str], scenes: Sequence[Scene], model=None) -> tuple[dict, torch.Tensor]:
+        """Render each prompt `seeds` times with `model` (default: the base model), judge against its scene."""
         from ldm.sample import generate
 
         batch = [p for p in prompts for _ in range(self.seeds)]
-        return generate(self.model, batch, steps=self.steps, scale=self.scale, height=32, width=32, seed=seed)
+        images = generate(model or self.model, batch, steps=self.steps, scale=self.scale, height=32, width=32,
+                          seed=0)
+        requests = [s for s in scenes for _ in range(self.seeds)]
+        return judge(self.scorer.score(images, requests), requests), images
 
     def measure(self, concepts: Sequence[Path], scenes: Sequence[Scene], nouns_for, beta=BETA, tau=TAU,
                 global_locking: bool = False) -> tuple[dict, torch.Tensor]:
@@ -165,16 +174,14 @@ class Bench:
         from ldm.inference import load_concepts, prepare_prompt, unload_concepts
 
         prompts = templates(scenes, nouns_for)
-        if concepts:
-            loaded = load_concepts(self.model, concepts, beta, tau, global_locking=global_locking)
-            tokenizer = self.model.cond_stage_model.tokenizer
-            prompts = [prepare_prompt(tokenizer, p, loaded) for p in prompts]
+        if not concepts:
+            return self.score(prompts, scenes)
+        loaded = load_concepts(self.model, concepts, beta, tau, global_locking=global_locking)
+        tokenizer = self.model.cond_stage_model.tokenizer
         try:
-            images = self.render(prompts)
+            return self.score([prepare_prompt(tokenizer, p, loaded) for p in prompts], scenes)
         finally:
             unload_concepts(self.model)
-        requests = [s for s in scenes for _ in range(self.seeds)]
-        return judge(self.scorer.score(images, requests), requests), images
 
 
 def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tuple[Path, float]:
@@ -193,7 +200,8 @@ def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tupl
 
 
 def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int, sample_steps: int,
-        specs: Sequence[tuple], betas: Sequence[float], log=print) -> dict:
+        specs: Sequence[tuple], betas: Sequence[float], finetune_steps: int = full_finetune.STEPS,
+        log=print) -> dict:
     from ldm.build import load_config
 
     train_steps = train_steps or int(load_config([CONFIG]).lightning.trainer.max_steps)
@@ -216,7 +224,14 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
     for name in concepts:
         scenes = eval_scenes(name, specs)
         for label, key, global_locking in METHODS:
-            if key in NO_CONCEPT:
+            if key == "full_unet":
+                model, seconds = full_finetune.finetune(CONCEPT_DIR / name, CONCEPTS[name].shape, finetune_steps)
+                unet_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
+                training[name][key] = {"seconds": round(seconds, 1), "bytes": unet_bytes}
+                result, images = bench.score(templates(scenes, NO_CONCEPT[key]), scenes, model)
+                log(f"fine-tuned the whole U-Net on {name} in {seconds:.0f} s")
+                del model
+            elif key in NO_CONCEPT:
                 result, images = bench.measure([], scenes, NO_CONCEPT[key])
             else:
                 result, images = bench.measure([files[name][key]], scenes, lambda o: "{}",
@@ -246,7 +261,8 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 
     results = {
         "settings": {"concepts": list(concepts), "seeds": seeds,
-                     "train_steps": train_steps,
+                     "train_steps": train_steps, "finetune_steps": finetune_steps,
+                     "finetune_learning_rate": full_finetune.LEARNING_RATE,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
                      "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
         "methods": methods, "autoencoder_ceiling": ceiling, "beta_curve": {"concept": first, **curve},
@@ -288,7 +304,8 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     lines = ["# Toy-world benchmark", "",
              f"`python -m ldm.toy.benchmark` — {len(concepts)} concepts, {s['prompts']} held-out prompts x "
              f"{s['seeds']} seeds each, DDIM {s['sample_steps']} steps, guidance {s['guidance']}; "
-             f"training {s['train_steps']} steps; sampling "
+             f"training {s['train_steps']} steps (the whole-U-Net reference: {s['finetune_steps']} steps at "
+             f"learning rate {s['finetune_learning_rate']:g}); sampling "
              f"beta {s['beta']} (global locking {s['beta_global']}), tau {s['tau']}; {s['threads']} CPU threads; "
              f"{results['seconds'] / 60:.1f} min in all.", "",
              "Fidelity: concept objects whose look (pattern and colours) the scorer sees. Alignment: every other "
@@ -332,7 +349,9 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     for c in concepts:
         for key, t in results["training"][c].items():
             lines.append(f"| {c} | {key} | {t['bytes']:,} | {t['seconds']} |")
-    lines += ["", "Training time is main.py's wall time (model build included) on this machine."]
+    lines += ["", "Training time is main.py's wall time (model build included) on this machine; for full_unet, "
+              "the Lightning fit alone, and its bytes are the U-Net's weights in float32, which it would have to "
+              "store."]
     with atomic_path(out / "report.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     with atomic_path(out / "results.json") as tmp:
@@ -407,7 +426,8 @@ def main(argv=None) -> int:
     if args.quick:
         concepts, specs, betas = concepts[:2], SCENE_SPECS[3:6], BETAS[2:4]
         args.train_steps, args.seeds, args.sample_steps = 2, 1, 2
-    results = run(Path(args.out), concepts, args.train_steps, args.seeds, args.sample_steps, specs, betas)
+    results = run(Path(args.out), concepts, args.train_steps, args.seeds, args.sample_steps, specs, betas,
+                  finetune_steps=2 if args.quick else full_finetune.STEPS)
     m = results["methods"]
     print(f"report: {Path(args.out) / 'report.md'} ({results['seconds'] / 60:.1f} min); mean fidelity: "
           + ", ".join(f"{label} {_pct(_mean(per)['fidelity'])}%" for label, per in m.items()))
