@@ -203,8 +203,7 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: int = 0):
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay, self.update_every_n_steps = decay, update_every_n_steps
-        self.update_starting_at_step = update_starting_at_step
+        self.update_every_n_steps, self.update_starting_at_step = update_every_n_steps, update_starting_at_step
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return (step_idx is not None and step_idx >= self.update_starting_at_step

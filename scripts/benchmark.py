@@ -236,7 +236,7 @@ def _peak_memory() -> str:
 
 
 def _at_least(least: int):
-    """An argparse type: a whole number >= `least` (a median needs rounds to take it over)."""
+    """An argparse type: a whole number >= `least` (rounds for a median, images in a batch, threads)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -257,17 +257,17 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=concept_size)
     s = sub.add_parser("train-step", help="time of a Perfusion training step relative to plain fine-tuning")
     s.add_argument("--config", required=True)
-    s.add_argument("--batch_size", type=int, default=4)
+    s.add_argument("--batch_size", type=_at_least(1), default=4)
     s.add_argument("--repeats", type=_at_least(1), default=7)
     s.set_defaults(func=train_step)
     s = sub.add_parser("sample", help="time of Perfusion sampling relative to the base model's")
     s.add_argument("--config", required=True)
-    s.add_argument("--batch_size", type=int, default=2)
+    s.add_argument("--batch_size", type=_at_least(1), default=2)
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--scale", type=float, default=6.0)
     s.add_argument("--repeats", type=_at_least(1), default=9)
     s.add_argument("--concepts", type=int, default=1, help="how many concepts are loaded (Appendix B, exact)")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
+    s.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
     s.set_defaults(func=sample)
     s = sub.add_parser("ema", help="time of an EMA weight update, per tensor against foreach")
     s.add_argument("--config", required=True)

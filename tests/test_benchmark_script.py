@@ -27,10 +27,12 @@ def test_ema_benchmark_times_both_updates_and_they_agree(capsys):
     assert diff < 1e-5   # the same average, up to float rounding
 
 
-def test_too_few_repeats_is_a_one_line_error(capsys):
+def test_bad_counts_are_one_line_errors(capsys):
     script = _script()
     for argv, message in ((["ema", "--repeats", "1"], "--repeats: expected a whole number >= 2, got '1'"),
-                          (["train-step", "--repeats", "0"], "--repeats: expected a whole number >= 1, got '0'")):
+                          (["train-step", "--repeats", "0"], "--repeats: expected a whole number >= 1, got '0'"),
+                          (["train-step", "--batch_size", "0"], "--batch_size: expected a whole number >= 1, got '0'"),
+                          (["sample", "--threads", "-1"], "--threads: expected a whole number >= 0, got '-1'")):
         with pytest.raises(SystemExit):
             script.main([*argv, "--config", str(ROOT / "configs/tiny/v1-tiny.yaml")])
         assert message in capsys.readouterr().err.strip().splitlines()[-1]

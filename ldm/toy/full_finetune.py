@@ -11,8 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 LDM_CONFIG = ROOT / "configs/toy/ldm.yaml"
 LDM_CKPT = ROOT / "ckpt/toy/toy-ldm.safetensors"
