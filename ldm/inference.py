@@ -41,6 +41,7 @@ class LoadedConcepts:
     taus: list[float]
     global_locking: bool
     exact: bool
+    gate_at: str = "all"
 
     def describe(self) -> list[dict]:
         """Per-concept settings, for image metadata."""
@@ -116,14 +117,18 @@ def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
 
 
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
-                  global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None
-                  ) -> LoadedConcepts:
+                  global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None,
+                  gate_at: str = "all") -> LoadedConcepts:
     """Load concept files (or Concept objects) into a PerfusionLatentDiffusion for sampling.
 
     Replaces whatever was loaded before. `betas`/`taus`: one value or one per concept.
     `global_locking`: keys see the prompt with each concept's superclass word (Sec. 4 of the paper).
     `exact`: Appendix B's exact projection for several concepts (else the approximation).
+    `gate_at`: "all" (Eq. 3 at every token, the paper's rule) or "concept" (the gated edit only at
+    each concept's own placeholder token; every other token gets the base projection).
     """
+    if gate_at not in ("all", "concept"):
+        raise ValueError(f"gate_at must be 'all' or 'concept', got {gate_at!r}")
     if not hasattr(model, "bank"):
         raise ValueError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
                          "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
@@ -153,7 +158,7 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     bank = model.bank
     if methods == {"embedding"}:   # textual inversion: only the placeholder rows change
         return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, False, exact)
-    bank.global_locking, bank.exact = global_locking, exact
+    bank.global_locking, bank.exact, bank.gate_at = global_locking, exact, gate_at
     i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
     i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
     o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
@@ -165,7 +170,7 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
                               else locked[layer][j] for j, c in enumerate(loaded)])
                  for layer in range(len(bank.keys))]
     bank.set(i_star, i_super, o_value, betas, taus, o_key=o_key)
-    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking, exact)
+    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking, exact, gate_at)
 
 
 def set_gates(model, loaded: LoadedConcepts, betas, taus) -> None:
@@ -180,6 +185,7 @@ def unload_concepts(model) -> None:
     """Back to the base model: outputs are then bit-identical to a plain LatentDiffusion's."""
     model.bank.clear()
     model.bank.global_locking = False
+    model.bank.gate_at = "all"
     model.placeholder_rows = {}
     model.superclass_words = {model.placeholder: model.superclass}
 

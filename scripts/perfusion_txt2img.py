@@ -9,6 +9,8 @@ The prompt names concepts `{}` (one concept) or `{1}`, `{2}`, ... in the order o
 --personalized_ckpt. Each concept gets its own placeholder token when it is loaded, so
 concepts trained with the same placeholder combine. Lower beta shows more of a concept.
 --beta_sweep 0.4:0.8:5 renders the same seeds at 5 beta values as one labelled grid.
+--show_gates prints, for each prompt, every token's sim and gate per concept (Eq. 3) and exits;
+every sampling run warns when a gate opens above 0.5 at a token that is not the concept's own.
 Without --ckpt (and no model.ckpt in the config) the model has seeded random weights (tiny configs).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 from ldm.build import ConfigError, build_model, load_config  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.concepts import load_concept  # noqa: E402
+from ldm.gates import format_gate_table, gate_tables, leak_warning  # noqa: E402
 from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, per_concept,  # noqa: E402
                            prepare_prompt, set_gates)
 from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
@@ -51,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
                    help="render each seed at COUNT evenly spaced betas (all concepts) as one labelled grid")
     p.add_argument("--global_locking", action="store_true",
                    help="keys see the whole prompt with each concept's superclass word")
+    p.add_argument("--gate_at", choices=("all", "concept"), default="all",
+                   help="all: Eq. 3's gate at every token (the paper's rule); concept: the edit only at each "
+                        "concept's own token")
+    p.add_argument("--show_gates", action="store_true",
+                   help="print each prompt's tokens with sim and gate per concept, then exit without sampling")
     multi = p.add_mutually_exclusive_group()
     multi.add_argument("--exact_multi", dest="exact", action="store_true", default=True,
                        help="several concepts: exact Appendix B projection (default)")
@@ -150,8 +158,20 @@ def main(argv=None) -> int:
     paths, betas, taus, sweep, prompts = check_args(args)
     concepts = [load_concept(p) for p in paths]
     model, ckpt, weights_seed = build(args)
-    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths)
+    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths,
+                           gate_at=args.gate_at)
     tokenizer = model.cond_stage_model.tokenizer
+    if model.bank.active:
+        tables = gate_tables(model, [prepare_prompt(tokenizer, t, loaded) for t in prompts])
+        if args.show_gates:
+            print(f"beta {loaded.betas}, tau {loaded.taus}; * marks a concept's own token")
+            print("\n\n".join(format_gate_table(t) for t in tables))
+            return 0
+        for table in tables:
+            if args.gate_at == "all" and (line := leak_warning(table, loaded.betas)):
+                print(line, file=sys.stderr)
+    elif args.show_gates:
+        raise ValueError("--show_gates: textual-inversion concepts have no gate")
     side = model.image_size * model.first_stage_model.downsample_factor
     height, width = args.H or side, args.W or side
     shape = latent_shape(model, args.n_samples, height, width)
@@ -159,7 +179,7 @@ def main(argv=None) -> int:
     fixed = initial_noise(shape, model.device, make_generator(args.seed, model.device)) if args.fixed_code else None
     settings = {
         "config": args.config, "ckpt": ckpt, "use_ema": args.use_ema, "negative_prompt": args.negative_prompt,
-        "global_locking": args.global_locking, "multi_concept": "exact" if args.exact else "approx",
+        "global_locking": args.global_locking, "gate_at": args.gate_at, "multi_concept": "exact" if args.exact else "approx",
         "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "H": height, "W": width,
         "n_samples": args.n_samples, "n_iter": args.n_iter, "fixed_code": args.fixed_code, "precision": args.precision,
     }

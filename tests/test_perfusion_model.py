@@ -201,3 +201,17 @@ def test_ablation_methods_train_their_own_parameters(method, learned, tmp_path):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method must be one of perfusion, trained_keys, embedding"):
         tiny_perfusion_model("model.params.method=lora")
+
+
+def test_gate_rules_change_what_training_learns():
+    """The same two steps from the same start: "all_detached" and "concept" learn other embeddings than
+    Eq. 3 everywhere ("all"), since sim(e) at the other tokens no longer feeds the gradient."""
+    learned = {}
+    for rule in ("all", "all_detached", "concept"):
+        m = tiny_perfusion_model(f"model.params.gate_at={rule}")
+        _train_steps(m, n=2)
+        learned[rule] = m.embedding.detach().clone()
+    assert not torch.allclose(learned["all"], learned["all_detached"])
+    assert not torch.allclose(learned["all"], learned["concept"])
+    with pytest.raises(ValueError, match="gate_at must be one of"):
+        tiny_perfusion_model("model.params.gate_at=somewhere")

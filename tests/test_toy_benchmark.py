@@ -20,7 +20,7 @@ def test_eval_prompts_name_the_concept_once_and_are_not_training_captions():
     trained = {t for name in ("striped_star", "polka_dot_square", "two_tone_ring")
                for t in json.loads((ROOT / "data/toy/concepts" / name / "captions.json").read_text()).values()}
     assert not trained & set(prompts)   # never a training caption
-    assert "a green circle on the left and a {} on the right" in prompts
+    assert "on the left a green circle and on the right a {}" in prompts
 
 
 def test_judge_separates_the_look_from_the_rest():
@@ -48,7 +48,13 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
     assert benchmark(["--out", str(out), "--quick", "--concepts", "two_tone_ring,striped_star"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == [label for label, _, _ in METHODS]
+    assert list(results["methods"]) == [label for label, *_ in METHODS]
+    assert 0 <= results["base_model"]["overall"] <= 1 and results["base_model"]["noun_localization"] > 0
+    for per in results["gates"].values():
+        assert set(per) == {"two_tone_ring", "striped_star"}
+        assert all(0 <= g["median_max_other_gate"] <= 1 and g["others_open"] >= 0 for g in per.values())
+    report = (out / "report.md").read_text()
+    assert "## Checks" in report and "## Gates" in report and "## Base model" in report
     for per in results["methods"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= r["fidelity"] <= 1 and 0 <= r["alignment"] <= 1 and r["images"] == 3 for r in per.values())
@@ -95,8 +101,8 @@ def test_attention_shares_cover_every_token_once():
     from ldm.toy.evaluate import attention_shares
 
     model = build_model(load_config([ROOT / "configs/toy/ldm.yaml"]), ckpt=ROOT / "ckpt/toy/toy-ldm.safetensors")
-    shares = attention_shares(model, "a yellow star on the left")
-    assert [w for w, _ in shares] == ["<start>", "a", "yellow", "star", "on", "the", "left", "<end>", "<padding>"]
+    shares = attention_shares(model, "on the left a yellow star")
+    assert [w for w, _ in shares] == ["<start>", "on", "the", "left", "a", "yellow", "star", "<end>", "<padding>"]
     assert sum(v for _, v in shares) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="is 34 tokens with start and end; this text encoder reads 32"):
         attention_shares(model, "a star " * 16)

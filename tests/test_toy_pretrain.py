@@ -45,6 +45,22 @@ def test_pretrain_command_end_to_end(tmp_path):
     assert meta["text_encoder_fingerprint"] == model.cond_stage_model.fingerprint()
 
 
+def test_pretrain_resumes_an_interrupted_stage(tmp_path):
+    out, logs = tmp_path / "ckpt", tmp_path / "logs"
+    tiny = ["lightning.trainer.max_steps=1", "data.num_workers=0", "lightning.callbacks.checkpoint.every_n_steps=1"]
+    assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", *tiny]) == 0
+    (logs / "toy-ldm.done").unlink()      # as if the LatentDiffusion stage had been interrupted after step 1
+    (run,) = logs.glob("*_toy-ldm")
+    vae_bytes = (logs / "toy-autoencoder.safetensors").read_bytes()
+    longer = [t.replace("max_steps=1", "max_steps=2") for t in tiny]
+    assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", "--resume",
+                          *longer]) == 0
+    assert (logs / "toy-autoencoder.safetensors").read_bytes() == vae_bytes    # the finished stage: skipped
+    assert list(logs.glob("*_toy-ldm")) == [run] and len(list((run / "configs").glob("*-config.yaml"))) == 2
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert (logs / "toy-ldm.done").is_file()
+
+
 def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
     from ldm.build import build_model
     from ldm.toy.evaluate import prompt_accuracy

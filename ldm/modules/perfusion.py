@@ -21,8 +21,36 @@ def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
     return t
 
 
+GATE_AT = ("all", "all_detached", "concept")   # where the gated edit applies (see gated_rank1_edit)
+
+
+def sim_probes(i_star: torch.Tensor, C_inv: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Rows p_n = C^-1 i*_n / (i*_n^T C^-1 i*_n), so that sim_n(e) = p_n . e (Eq. 3). Formed in float64
+    (C^-1 can be ill-conditioned; the result is tiny, N x d_in), returned in `dtype`."""
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    I, C_inv = i_star.to(device, wide), C_inv.to(device, wide)
+    CI = I @ C_inv                                                    # rows i*_n^T C^-1
+    return (CI / (CI * I).sum(-1, keepdim=True)).to(dtype)
+
+
+def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sim, gate), each (B, T, N) in float32 or wider: Eq. 3's sim_n(e) and sigmoid((sim - beta) / tau)
+    at every token, for each of the N concepts."""
+    n = i_star.shape[0]
+    dtype = torch.promote_types(e.dtype, torch.float32)
+    beta = _per_concept(beta, n, "beta", e.device).to(dtype)
+    tau = _per_concept(tau, n, "tau", e.device).to(dtype)
+    if (tau <= 0).any():
+        raise ValueError(f"tau must be positive, got {tau.tolist()}")
+    with torch.autocast(e.device.type, enabled=False):
+        sim = e.to(dtype) @ sim_probes(i_star, C_inv, e.device, dtype).T
+        return sim, torch.sigmoid((sim - beta) / tau)
+
+
 def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor, o_star: torch.Tensor,
-                     C_inv: torch.Tensor, beta, tau, exact: bool = True) -> torch.Tensor:
+                     C_inv: torch.Tensor, beta, tau, exact: bool = True, positions: torch.Tensor | None = None,
+                     gate_at: str = "all") -> torch.Tensor:
     """W'(e) for encodings e (B, T, d_in): returns (B, T, d_out) in float32 or wider.
 
     N = 1 (Eq. 3):
@@ -34,35 +62,41 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
         approx: W e_perp ~ W e - sum_n sim_n(e) W i*_n   (the authors' cheaper form)
     `weight` (d_out, d_in), `i_star` (N, d_in), `o_star` (N, d_out), `C_inv` (d_in, d_in);
     `beta`, `tau`: a float or N values.
+
+    `gate_at`: "all" is Eq. 3 at every token (the paper's rule, the default); with `positions`
+    (B, T, N) bool, where concept n's placeholder sits, "all_detached" is the same forward but sim
+    is a constant for autograd away from the placeholder (training cannot shape the gate at other
+    tokens), and "concept" edits only the placeholder's own tokens (W e elsewhere).
     """
     if i_star.dim() != 2 or o_star.dim() != 2 or i_star.shape[0] != o_star.shape[0]:
         raise ValueError(f"i_star (N, d_in) and o_star (N, d_out) must list the same concepts, "
                          f"got {tuple(i_star.shape)} and {tuple(o_star.shape)}")
+    if gate_at not in GATE_AT:
+        raise ValueError(f"gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
+    if gate_at != "all" and positions is None:
+        raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
     n = i_star.shape[0]
-    dtype = torch.promote_types(e.dtype, torch.float32)
-    # The per-concept quantities involve C^-1, which can be ill-conditioned: form them in float64
-    # (tiny: N x d_in), then apply them to the encodings in float32 or wider.
-    wide = torch.float32 if e.device.type == "mps" else torch.float64
-    I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
-    beta = _per_concept(beta, n, "beta", e.device).to(dtype)
-    tau = _per_concept(tau, n, "tau", e.device).to(dtype)
-    if (tau <= 0).any():
-        raise ValueError(f"tau must be positive, got {tau.tolist()}")
-
+    sim, gate = concept_gates(e, i_star, C_inv, beta, tau)
+    dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
         e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
-        CI = I @ C_inv                                                # rows i*_n^T C^-1
-        probe = (CI / (CI * I).sum(-1, keepdim=True)).to(dtype)       # sim_n(e) = probe_n . e
-        sim = e @ probe.T                                             # (B, T, N)
-        gate = torch.sigmoid((sim - beta) / tau)                      # (B, T, N)
-        if n == 1 or not exact:
-            # N = 1 the exact projection reduces to sim(e) i*; N > 1 this is the approximation.
-            out = e @ W.T - sim @ (I.to(dtype) @ W.T)
+        if gate_at == "all_detached":
+            sim, gate = torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
+        elif gate_at == "concept":
+            sim, gate = sim * positions, gate * positions
+        if n == 1 or not exact or gate_at == "concept":
+            # N = 1 the exact projection reduces to sim(e) i*; so it does at a token that only its own
+            # concept edits ("concept"); N > 1 at every token this is the approximation.
+            out = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
         else:
+            wide = torch.float32 if e.device.type == "mps" else torch.float64
+            I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
             L = torch.linalg.cholesky(C_inv)
             Q, _ = torch.linalg.qr(L.T @ I.T)                         # (d_in, N), orthonormal columns
             U = torch.linalg.solve_triangular(L.T, Q, upper=True)     # u_n = L^-T q_n
             coeff = e @ (C_inv @ U).to(dtype)                         # (B, T, N): u_n^T C^-1 e
+            if gate_at == "all_detached":
+                coeff = torch.where(positions, coeff, coeff.detach())
             out = (e - coeff @ U.to(dtype).T) @ W.T
         return out + gate @ O
 
@@ -118,9 +152,12 @@ class ConceptBank:
     """The edit targets that every Rank1EditLinear of one U-Net reads.
 
     Holds C^-1 and, for N active concepts, i* (N, d_in), per-layer key targets
-    o*_K = W_K i_super and value targets o*_V, and per-concept beta/tau. With
-    `global_locking` the context is [value encodings ; key encodings] along the token axis
-    (2T tokens): keys see the superclass prompt, values the concept prompt.
+    o*_K = W_K i_super and value targets o*_V, and per-concept beta/tau.
+
+    It also owns the layout of the context the edited layers receive (`pack` / `unpack`): the
+    concept prompt's encodings, then, with `global_locking`, the superclass prompt's along the
+    token axis (keys are its plain projections, W_K e_sup: the paper's global key-locking), and,
+    when `gate_at` is not "all", the placeholder positions as N extra feature channels.
 
     With gradients disabled (sampling), each layer's output is cached for the last context
     tensor it saw: the encodings of a prompt do not change across denoising steps, so the
@@ -138,6 +175,7 @@ class ConceptBank:
         self.C_inv = C_inv
         self.exact = exact
         self.global_locking = False
+        self.gate_at = "all"
         self.i_star = None
         self.o_key: list[torch.Tensor] = []
         self.o_value: list[torch.Tensor] = []
@@ -148,6 +186,10 @@ class ConceptBank:
     @property
     def active(self) -> bool:
         return self.i_star is not None
+
+    @property
+    def needs_positions(self) -> bool:
+        return self.gate_at != "all"
 
     def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
             o_key: Sequence[torch.Tensor] | None = None):
@@ -187,22 +229,49 @@ class ConceptBank:
         self.o_key, self.o_value = [], []
         self._cache.clear()
 
-    def edit(self, layer: Rank1EditLinear, e: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------- context layout
+    def pack(self, e: torch.Tensor, e_super: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The context for the edited layers: e (B, T, d); with global locking the superclass prompt's
+        encodings e_super (B, T, d), aligned to e token by token; positions (B, T, N) bool if needed."""
+        if self.global_locking != (e_super is not None):
+            raise ValueError("global key-locking needs the superclass prompt's encodings, and only then")
+        if self.needs_positions != (positions is not None):
+            raise ValueError(f"gate_at={self.gate_at!r}: placeholder positions are "
+                             f"{'needed' if self.needs_positions else 'not used'}")
+        context = e if e_super is None else torch.cat([e, e_super], dim=1)
+        if positions is not None:
+            flags = positions.to(e.dtype)
+            context = torch.cat([context, flags if e_super is None else torch.cat([flags, flags], 1)], dim=2)
+        return context
+
+    def unpack(self, context: torch.Tensor, d_in: int):
+        """(e, e_super or None, positions or None) from a context made by `pack`."""
+        e, positions = context[..., :d_in], None
+        if context.shape[-1] > d_in:
+            positions = context[..., d_in:] > 0.5
+        e_super = None
+        if self.global_locking:
+            e, e_super = e.chunk(2, dim=1)
+            positions = None if positions is None else positions.chunk(2, dim=1)[0]
+        return e, e_super, positions
+
+    def edit(self, layer: Rank1EditLinear, context: torch.Tensor) -> torch.Tensor:
         use_cache = self.cache and not torch.is_grad_enabled()
         slot = (layer.role, layer.index)
         # inference-mode tensors keep no version counter: their identity alone is the key
-        version = None if e.is_inference() else e._version
+        version = None if context.is_inference() else context._version
         if use_cache and slot in self._cache:
             seen, seen_version, out = self._cache[slot]
-            if seen is e and seen_version == version:
+            if seen is context and seen_version == version:
                 return out
-        x = e
-        if self.global_locking:
-            value_e, key_e = e.chunk(2, dim=1)
-            x = key_e if layer.role == "key" else value_e
-        targets = self.o_key if layer.role == "key" else self.o_value
-        out = gated_rank1_edit(x, layer.weight, self.i_star, targets[layer.index], self.C_inv,
-                               self.beta, self.tau, self.exact).to(e.dtype)
+        e, e_super, positions = self.unpack(context, layer.in_features)
+        if e_super is not None and layer.role == "key":
+            out = F.linear(e_super, layer.weight)      # global key-locking: K = W_K e_sup
+        else:
+            targets = self.o_key if layer.role == "key" else self.o_value
+            out = gated_rank1_edit(e, layer.weight, self.i_star, targets[layer.index], self.C_inv,
+                                   self.beta, self.tau, self.exact, positions, self.gate_at).to(e.dtype)
         if use_cache:
-            self._cache[slot] = (e, version, out)
+            self._cache[slot] = (context, version, out)
         return out

@@ -5,7 +5,9 @@
 
 Prints the fraction of requested attributes (shape, colour, position, background) the scorer
 finds correct, per attribute and overall. `--attention PROMPT` prints instead how the U-Net's
-cross-attention divides among the prompt's tokens (uniform would be 1/context length each).
+cross-attention divides among the prompt's tokens (uniform would be 1/context length each) and,
+for a one-object caption of the grammar, how much more each token attends inside the object's
+mask than outside it (`localization`; the noun should be well above 1).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ldm.toy.scorer import Scorer, attribute_accuracy
-from ldm.toy.world import Scene, caption, held_out_scenes
+from ldm.toy.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, SceneObject, caption, held_out_scenes, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +52,67 @@ def attention_shares(model, prompt: str, t: int = 500, seed: int = 0) -> list[tu
     return list(zip(words, mean[:n])) + [("<padding>", sum(mean[n:]))]
 
 
+def scene_for_caption(prompt: str) -> Scene | None:
+    """The one-object scene whose caption is `prompt` (an unnamed colour drawn white, an unnamed
+    background black), or None if no one-object caption of the grammar reads so."""
+    for shape in SHAPES:
+        for colour in (None, *COLOURS):
+            for position in (None, *POSITIONS):
+                for background in (None, *BACKGROUNDS):
+                    request = Scene((SceneObject(shape, colour, position),), background)
+                    if caption(request) == prompt:
+                        return Scene((SceneObject(shape, colour or "white", position or "centre"),),
+                                     background or "black")
+    return None
+
+
+@torch.no_grad()
+def localization(model, scene: Scene, prompt: str | None = None, t: int = 500, seed: int = 0) -> list[float]:
+    """Per token of `prompt` (default: the scene's caption): its cross-attention inside the first
+    object's mask divided by its attention outside, averaged over layers and heads, with the U-Net
+    looking at the scene's own render noised to timestep t (as in training)."""
+    import torch.nn.functional as F
+
+    from ldm.modules.attention import cross_attention_layers
+
+    image, masks = render(scene)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = torch.from_numpy(masks[0].astype("float32") / 255)[None, None]
+    g = torch.Generator().manual_seed(seed)
+    z = model.encode_first_stage(pixels.to(model.device), sample=False)
+    noise = torch.randn(z.shape, generator=g).to(z.device)
+    steps = torch.tensor([t], device=z.device)
+    probs = []
+    layers = [attn for _, attn in cross_attention_layers(model.model.diffusion_model)]
+    for attn in layers:
+        attn.attention_probs_hook = lambda module, p: probs.append(p[0].mean(0))   # (h*w, tokens)
+    try:
+        model.apply_model(model.q_sample(z, steps, noise), steps, model.get_learned_conditioning([prompt or caption(scene)]))
+    finally:
+        for attn in layers:
+            attn.attention_probs_hook = None
+    inside, outside = 0.0, 0.0
+    for p in probs:
+        side = int(round(p.shape[0] ** 0.5))
+        m = F.interpolate(mask, size=(side, side), mode="area").flatten().to(p.device)[:, None]
+        inside = inside + (p * m).sum(0) / m.sum()
+        outside = outside + (p * (1 - m)).sum(0) / (1 - m).sum()
+    return (inside / outside.clamp_min(1e-12)).tolist()
+
+
+def noun_localization(model, scenes: Sequence[Scene], t: int = 500) -> float:
+    """Mean over one-object scenes (and layers and heads) of the noun's attention inside its object's
+    mask, divided by the same mean outside it."""
+    tokenizer = model.cond_stage_model.tokenizer
+    ratios = []
+    for k, scene in enumerate(s for s in scenes if len(s.objects) == 1):
+        text = caption(scene)
+        tokens = tokenizer([text])[0].tolist()
+        noun = tokens.index(tokenizer.encode(scene.objects[0].shape)[0])
+        ratios.append(localization(model, scene, text, t, seed=k)[noun])
+    return sum(ratios) / len(ratios)
+
+
 def main(argv=None) -> int:
     from ldm.build import build_model, load_config
     from ldm.toy.dataset import ToyCaptionDataset
@@ -70,6 +134,11 @@ def main(argv=None) -> int:
         print(f"cross-attention share per token (t=500, mean over every cross-attention layer, head and "
               f"position; uniform = {100 / model.cond_stage_model.max_length:.1f}% per token):")
         print("  ".join(f"{w} {100 * v:.1f}%" for w, v in shares))
+        scene = scene_for_caption(args.attention)
+        if scene is not None:
+            ratios = localization(model, scene, args.attention, seed=args.seed)
+            print("localization per token (attention inside the object's mask / outside, the render noised to t=500):")
+            print("  ".join(f"{w} {r:.2f}x" for (w, _), r in zip(shares[:-1], ratios)))
         return 0
     if args.split == "heldout":
         scenes = held_out_scenes()

@@ -9,7 +9,9 @@
    -> <out>/covariance.safetensors
 
 Extra `key=value` arguments are passed to both training runs (e.g. lightning.trainer.max_steps=10
-for a smoke test). Runs go to --logdir as usual (TensorBoard shows them).
+for a smoke test). Runs go to --logdir as usual (TensorBoard shows them). `--resume` continues an
+interrupted pretraining in the same --logdir: a finished stage is skipped, an unfinished one goes on
+from its run's checkpoints/last.ckpt (saved every 1000 steps).
 """
 from __future__ import annotations
 
@@ -53,30 +55,40 @@ def normalize_latent_scale(vae, images: torch.Tensor) -> float:
     return s
 
 
-def _train(config: Path, name: str, logdir: str, overrides: list[str]):
+def _train(config: Path, name: str, logdir: str, overrides: list[str], resume: bool):
     import main
 
-    trainer = main.run(["--base", str(config), "-t", "--name", name, "--logdir", logdir, *overrides])
+    runs = sorted(p for p in Path(logdir).glob(f"*_{name}") if (p / "checkpoints/last.ckpt").is_file())
+    if resume and runs:
+        print(f"resuming {name} from {runs[-1]}")
+        trainer = main.run(["--resume", str(runs[-1]), "-t", *overrides])
+    else:
+        trainer = main.run(["--base", str(config), "-t", "--name", name, "--logdir", logdir, *overrides])
     return trainer.lightning_module
 
 
-def pretrain(out: Path, logdir: str, overrides: list[str], captions: int) -> dict[str, float]:
+def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume: bool = False) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t0 = time.perf_counter()
-    vae = _train(ROOT / "configs/toy/autoencoder.yaml", "toy-autoencoder", logdir, overrides)
-    from ldm.toy.dataset import ToyCaptionDataset
+    vae_path = Path(logdir) / "toy-autoencoder.safetensors"
+    if not (resume and vae_path.is_file()):
+        vae = _train(ROOT / "configs/toy/autoencoder.yaml", "toy-autoencoder", logdir, overrides, resume)
+        from ldm.toy.dataset import ToyCaptionDataset
 
-    sample = ToyCaptionDataset(512, seed=4)
-    scale = normalize_latent_scale(vae, torch.stack([sample[i]["image"] for i in range(512)]))
-    print(f"latent scale folded into the autoencoder: x{scale:.4f}")
-    vae_path = save_weights(vae, Path(logdir) / "toy-autoencoder.safetensors", dtype=torch.float32)
+        sample = ToyCaptionDataset(512, seed=4)
+        scale = normalize_latent_scale(vae, torch.stack([sample[i]["image"] for i in range(512)]))
+        print(f"latent scale folded into the autoencoder: x{scale:.4f}")
+        save_weights(vae, vae_path, dtype=torch.float32)
     times["autoencoder"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ldm = _train(ROOT / "configs/toy/ldm.yaml", "toy-ldm", logdir,
-                 [f"model.params.first_stage_ckpt={vae_path}", *overrides])
-    ldm_path = save_weights(ldm, out / "toy-ldm.safetensors")
+    ldm_path, done = out / "toy-ldm.safetensors", Path(logdir) / "toy-ldm.done"
+    if not (resume and done.is_file() and ldm_path.is_file()):
+        ldm = _train(ROOT / "configs/toy/ldm.yaml", "toy-ldm", logdir,
+                     [f"model.params.first_stage_ckpt={vae_path}", *overrides], resume)
+        save_weights(ldm, ldm_path)
+        done.write_text(f"{ldm_path}\n")
     times["ldm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -100,9 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="ckpt/toy", help="where the weights go")
     p.add_argument("--logdir", default="logs", help="where the training runs go")
     p.add_argument("--covariance_captions", type=int, default=20000)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining in --logdir")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both training runs")
     args = p.parse_args(argv)
-    times = pretrain(Path(args.out), args.logdir, args.overrides, args.covariance_captions)
+    times = pretrain(Path(args.out), args.logdir, args.overrides, args.covariance_captions, args.resume)
     total = sum(times.values())
     print("pretraining time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + f", total {total / 60:.1f} min")
     return 0

@@ -7,7 +7,10 @@ the concept's position. Everything else is frozen.
 
 Gradient path (a choice the public implementations differ on): i* is a buffer, so no
 gradient flows through it; the embedding learns through the prompt encodings e that the
-edited projections receive, including the gate sim(e).
+edited projections receive. `gate_at` chooses where the gated edit applies in training:
+"all" (Eq. 3 at every token, gradients through sim(e) everywhere), "all_detached" (the same
+forward, sim(e) a constant for autograd away from the placeholder) or "concept" (the edit only
+at the placeholder's token).
 
 `method` selects the paper's ablations (Sec. 5, Fig. 9) with everything else unchanged:
 "trained_keys" also learns one key output o*_K per layer (starting at W_K i_super) instead of
@@ -28,7 +31,7 @@ from ldm.concepts import METHODS, Concept, ConceptError, save_concept
 from ldm.covariance import load_covariance
 from ldm.data.templates import fill
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.perfusion import ConceptBank, patch_cross_attention
+from ldm.modules.perfusion import GATE_AT, ConceptBank, patch_cross_attention
 from ldm.util import fingerprint_tensors, repo_path
 
 
@@ -50,12 +53,17 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         log_sample_steps: int = 20,
         log_guidance_scale: float = 6.0,
         method: str = "perfusion",
+        gate_at: str = "all",
+        log_gates_every_n_steps: int = 50,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         if method not in METHODS:
             raise ValueError(f"model.params.method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
+        if gate_at not in GATE_AT:
+            raise ValueError(f"model.params.gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
+        self.gate_at, self.log_gates_every_n_steps = gate_at, int(log_gates_every_n_steps)
         tokenizer = self.cond_stage_model.tokenizer
         self.placeholder, self.superclass = placeholder, superclass
         self.placeholder_id = single_token_id(tokenizer, placeholder)
@@ -124,19 +132,48 @@ class PerfusionLatentDiffusion(LatentDiffusion):
 
     # ----------------------------------------------------------------- conditioning
     def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text encodings with the placeholder rows replaced by learned embeddings.
-
-        With global key-locking active, returns [concept prompt ; superclass prompt] along the token axis.
-        """
+        """Text encodings with the placeholder rows replaced by learned embeddings, laid out for the
+        edited layers by `ConceptBank.pack` (with global key-locking the superclass prompt's encodings,
+        aligned token by token, follow along the token axis)."""
         encoder = self.cond_stage_model
         if not self.placeholder_rows:
             return super().get_learned_conditioning(prompts)
         tokens = encoder.tokenize(list(prompts))
         encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, self.placeholder_rows))
+        if not self.bank.active:   # textual inversion: plain projections
+            return encodings
+        e_super = None
         if self.bank.global_locking:
-            supers = [self.superclass_prompt(p) for p in prompts]
-            encodings = torch.cat([encodings, encoder.encode(supers)], dim=1)
-        return encodings
+            supers = encoder.encode([self.superclass_prompt(p) for p in prompts])
+            index = self.superclass_alignment(tokens.to(supers.device))
+            e_super = supers.gather(1, index[..., None].expand(-1, -1, supers.shape[-1]))
+        return self.bank.pack(encodings, e_super, self.placeholder_positions(tokens, encodings.device))
+
+    def placeholder_positions(self, tokens: torch.Tensor, device) -> torch.Tensor | None:
+        """(B, T, N) bool: where each active concept's placeholder sits, if the bank's rule needs it."""
+        if not self.bank.needs_positions:
+            return None
+        ids = torch.tensor(list(self.placeholder_rows), device=device)
+        return tokens.to(device)[..., None] == ids
+
+    def superclass_alignment(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index (B, T) into the superclass prompt's tokens of the same word as each concept-prompt token.
+
+        A superclass of n sub-tokens ("teddy bear": 2) makes the superclass prompt n - 1 tokens longer
+        from the placeholder on. The placeholder faces the superclass's last sub-token (which has seen
+        the whole word, like i_super), every later token its own word; the earlier sub-tokens are
+        dropped, and the end is padded with the superclass prompt's last position, as the encoder pads
+        (words it lost to the length limit face its end token)."""
+        tokenizer = self.cond_stage_model.tokenizer
+        shift = torch.zeros_like(tokens)
+        for token_id, placeholder in zip(self.placeholder_rows, self.superclass_words):
+            shift += (tokens == token_id) * (len(tokenizer.encode(self.superclass_words[placeholder])) - 1)
+        steps = torch.arange(tokens.shape[1], device=tokens.device)
+        return (steps + shift.cumsum(1)).clamp(max=tokens.shape[1] - 1)
+
+    def concept_rows(self) -> dict[int, torch.Tensor]:
+        """Placeholder token id -> embedding: the loaded concepts', else the one being trained."""
+        return self.placeholder_rows or {self.placeholder_id: self.embedding}
 
     def embed_tokens(self, tokens: torch.Tensor, rows: dict[int, torch.Tensor]) -> torch.Tensor:
         """Token embeddings (B, T, width) with each placeholder id's row replaced by its learned vector."""
@@ -211,6 +248,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         o_key = [k[None] for k in self.o_star_k] if self.method == "trained_keys" else None
         self.bank.set(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
                       self.beta if beta is None else beta, self.tau if tau is None else tau, o_key=o_key)
+        self.bank.gate_at = self.gate_at
 
     def shared_step(self, batch):
         self.ensure_covariance()
@@ -220,12 +258,25 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.update_targets(tokens, captions, batch["caption_super"])
         cond = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
         self.activate_training_concept()
+        if self.bank.active:
+            positions = (tokens == self.placeholder_id)[..., None].to(cond.device) if self.bank.needs_positions else None
+            cond = self.bank.pack(cond, None, positions)
         z = self.encode_first_stage(batch[self.first_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
                                      "concept is updated (try a lower learning rate or fp32 precision)")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        every = self.log_gates_every_n_steps
+        if self.bank.active and every > 0 and self.global_step % every == 0:
+            from ldm.gates import gate_summary, gate_tables
+
+            summary = gate_summary(gate_tables(self, self.validation_prompts))
+            self.log_dict({f"gates/{k}": v for k, v in summary.items()}, on_step=True, batch_size=1)
         return loss
 
     def configure_optimizers(self):
