@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -94,3 +95,21 @@ def concept_file(superclass: str = "cat", seed: int = 0) -> Path:
     if not path.exists():
         save_concept(path, trained_concept(superclass, seed))
     return path
+
+
+@pytest.fixture
+def model():
+    """The shared tiny model, its concepts unloaded after the test."""
+    m = shared_model()
+    yield m
+    unload_concepts(m)
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return trained_concept("cat", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dog():
+    return trained_concept("dog", seed=1)

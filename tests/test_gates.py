@@ -9,27 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ldm.gates import format_gate_table, gate_summary, gate_tables, leak_warning, leaks
 from ldm.inference import format_prompt, load_concepts, unload_concepts
-from ldm.modules.perfusion import concept_gates, gated_rank1_edit
+from ldm.modules.perfusion import gated_rank1_edit
 from ldm.sample import generate
 from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
-from tests.concept_files import cli_config, concept_file, shared_model, trained_concept
-
-
-@pytest.fixture
-def model():
-    m = shared_model()
-    yield m
-    unload_concepts(m)
-
-
-@pytest.fixture(scope="module")
-def cat():
-    return trained_concept("cat", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dog():
-    return trained_concept("dog", seed=1)
+from tests.concept_files import cat, cli_config, concept_file, dog, model  # noqa: F401 (fixtures)
 
 
 def test_gate_table_is_eq3_at_every_token(model, cat, dog):

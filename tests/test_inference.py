@@ -13,27 +13,10 @@ from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, pre
                            unload_concepts)
 from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.sample import generate
-from tests.concept_files import concept_file, shared_model, trained_concept
+from tests.concept_files import cat, concept_file, dog, model  # noqa: F401 (fixtures)
 
 PROMPT2 = "a photo of a {1} and a {2}"
 SAMPLE = dict(steps=3, scale=4.0, height=32, width=32, seed=5)
-
-
-@pytest.fixture
-def model():
-    m = shared_model()
-    yield m
-    unload_concepts(m)
-
-
-@pytest.fixture(scope="module")
-def cat():
-    return trained_concept("cat", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dog():
-    return trained_concept("dog", seed=1)
 
 
 def _sigmoid(x):

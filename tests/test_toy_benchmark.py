@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.toy.benchmark import METHODS, eval_scenes, judge, main as benchmark, p_above, templates
+from ldm.toy.benchmark import GATE_ROWS, METHODS, eval_scenes, judge, main as benchmark, p_above, templates
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import Scene, SceneObject
 from tests.conftest import ROOT
@@ -53,8 +53,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     for per in results["gates"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= g["median_max_other_gate"] <= 1 and g["others_open"] >= 0 for g in per.values())
-    report = (out / "report.md").read_text()
-    assert "## Checks" in report and "## Gates" in report and "## Base model" in report
+    assert set(results["gates"]) == {label for label, _ in GATE_ROWS}
     for per in results["methods"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= r["fidelity"] <= 1 and 0 <= r["alignment"] <= 1 and r["images"] == 3 for r in per.values())
@@ -69,7 +68,10 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("## Methods", "## Beta curve", "## Two concepts in one prompt", "## Concept size and training time"):
         assert heading in report
-    assert "Check: Perfusion's fidelity" in report
+    assert "Perfusion's fidelity" in report and "Fisher exact p" in report
+    for heading in ("## Checks", "## Gates", "## Base model"):
+        assert heading in report
+    assert report.count("| yes |") + report.count("| **no** |") == 12   # every check has its verdict
     for png in ("methods.png", "beta_curve.png", "samples.png"):
         with Image.open(out / png) as im:
             im.verify()

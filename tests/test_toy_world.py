@@ -20,7 +20,7 @@ from ldm.toy.eval_scorer import _scenes, wrong_requests
 from ldm.toy.make_concepts import concept_scenes, write_concepts
 from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
 from ldm.toy.train_scorer import degrade, render_set
-from ldm.toy.world import (COLOURS, CONCEPTS, HELD_OUT, SHAPES, Scene, SceneObject, caption,
+from ldm.toy.world import (COLOURS, CONCEPTS, DEFAULT_SIZE, HELD_OUT, SHAPES, Scene, SceneObject, caption,
                            contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
                            sample_scene)
 from ldm.util import instantiate_from_config
@@ -94,7 +94,7 @@ def test_masks_cover_exactly_their_objects():
     assert np.all(pixels[background] == 128)
     for mask, colour in zip(masks, (COLOURS["yellow"], COLOURS["blue"])):
         assert np.all(pixels[mask == 255] == colour)
-    side, radius = 0.85 * 0.375 * 32, 0.375 * 16  # in pixels; drawn to the nearest 1/4 pixel
+    side, radius = 0.85 * DEFAULT_SIZE * 32, DEFAULT_SIZE * 16  # in pixels; drawn to the nearest 1/4 pixel
     assert (side - 0.25) ** 2 <= masks[0].sum() / 255 <= (side + 0.25) ** 2
     assert math.pi * (radius - 0.25) ** 2 <= masks[1].sum() / 255 <= math.pi * (radius + 0.25) ** 2
     top, bottom = np.nonzero(masks[0])[0].mean(), np.nonzero(masks[1])[0].mean()

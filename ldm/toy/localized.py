@@ -23,7 +23,8 @@ class LocalizedLatentDiffusion(LatentDiffusion):
     """LatentDiffusion plus `localization_weight` x the balanced localization loss of the nouns.
 
     `localize_words`: the object nouns (one token each); the k-th of them in a caption is object k,
-    whose mask is `batch["object_masks"][:, k]`.
+    whose mask is `batch["object_masks"][:, k]`. A batch without object masks (fine-tuning on a
+    concept's photos) trains as plain LatentDiffusion.
     """
 
     def __init__(self, *args, localize_words: Sequence[str], localization_weight: float = 0.05, **kwargs):
@@ -61,6 +62,8 @@ class LocalizedLatentDiffusion(LatentDiffusion):
         return torch.stack(losses).mean()
 
     def shared_step(self, batch):
+        if "object_masks" not in batch:
+            return super().shared_step(batch)
         captions = batch[self.cond_stage_key]
         slots = self.noun_slots(captions)
         probs: list[torch.Tensor] = []
