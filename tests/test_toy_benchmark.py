@@ -20,7 +20,7 @@ def test_eval_prompts_name_the_concept_once_and_are_not_training_captions():
     trained = {t for name in ("striped_star", "polka_dot_square", "two_tone_ring")
                for t in json.loads((ROOT / "data/toy/concepts" / name / "captions.json").read_text()).values()}
     assert not trained & set(prompts)   # never a training caption
-    assert "on the left a green circle and on the right a {}" in prompts
+    assert "a green circle on the left and a {} on the right" in prompts
 
 
 def test_judge_separates_the_look_from_the_rest():
@@ -103,8 +103,8 @@ def test_attention_shares_cover_every_token_once():
     from ldm.toy.evaluate import attention_shares
 
     model = build_model(load_config([ROOT / "configs/toy/ldm.yaml"]), ckpt=ROOT / "ckpt/toy/toy-ldm.safetensors")
-    shares = attention_shares(model, "on the left a yellow star")
-    assert [w for w, _ in shares] == ["<start>", "on", "the", "left", "a", "yellow", "star", "<end>", "<padding>"]
+    shares = attention_shares(model, "a yellow star on the left")
+    assert [w for w, _ in shares] == ["<start>", "a", "yellow", "star", "on", "the", "left", "<end>", "<padding>"]
     assert sum(v for _, v in shares) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="is 34 tokens with start and end; this text encoder reads 32"):
         attention_shares(model, "a star " * 16)

@@ -51,11 +51,11 @@ def test_pretrain_resumes_an_interrupted_stage(tmp_path):
     assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", *tiny]) == 0
     (logs / "toy-ldm.done").unlink()      # as if the LatentDiffusion stage had been interrupted after step 1
     (run,) = logs.glob("*_toy-ldm")
-    vae_bytes = (logs / "toy-decoder.safetensors").read_bytes()
+    vae_bytes = (logs / "toy-autoencoder.safetensors").read_bytes()
     longer = [t.replace("max_steps=1", "max_steps=2") for t in tiny]
     assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", "--resume",
                           *longer]) == 0
-    assert (logs / "toy-decoder.safetensors").read_bytes() == vae_bytes    # the finished stages: skipped
+    assert (logs / "toy-autoencoder.safetensors").read_bytes() == vae_bytes    # the finished stage: skipped
     assert list(logs.glob("*_toy-ldm")) == [run] and len(list((run / "configs").glob("*-config.yaml"))) == 2
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
     assert (logs / "toy-ldm.done").is_file()

@@ -20,7 +20,7 @@ from ldm.toy.eval_scorer import _scenes, wrong_requests
 from ldm.toy.make_concepts import concept_scenes, write_concepts
 from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
 from ldm.toy.train_scorer import degrade, render_set
-from ldm.toy.world import (COLOURS, CONCEPTS, DEFAULT_SIZE, HELD_OUT, SHAPES, Scene, SceneObject, caption,
+from ldm.toy.world import (COLOURS, CONCEPTS, HELD_OUT, SHAPES, Scene, SceneObject, caption,
                            contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
                            sample_scene)
 from ldm.util import instantiate_from_config
@@ -45,10 +45,10 @@ def test_render_is_deterministic_and_seeded():
 
 def test_captions_follow_the_grammar():
     scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "orange", "right")), "black")
-    assert caption(scene) == "on a black background, on the left a red circle and on the right an orange square"
+    assert caption(scene) == "a red circle on the left and an orange square on the right, on a black background"
     star = SceneObject.concept("striped_star", "top")
-    assert caption(Scene((star,), "gray")) == "on a gray background, at the top a striped star"
-    assert caption(Scene((star,), None), nouns=["sks"]) == "at the top a sks"
+    assert caption(Scene((star,), "gray")) == "a striped star at the top, on a gray background"
+    assert caption(Scene((star,), None), nouns=["sks"]) == "a sks at the top"
     assert caption(Scene((SceneObject("star", None, None),))) == "a star"
     data = ToyCaptionDataset(300, seed=0)
     for i in range(300):
@@ -60,7 +60,7 @@ def test_captions_follow_the_grammar():
             assert asked.position in (obj.position, None)
             assert (f"{obj.colour} {obj.shape}" if asked.colour else obj.shape) in text
         assert request.background in (scene.background, None)
-        assert text.startswith(f"on a {scene.background} background") == (request.background is not None)
+        assert text.endswith(f"on a {scene.background} background") == (request.background is not None)
 
 
 def test_train_split_never_holds_a_held_out_pair_or_a_concept():
@@ -94,7 +94,7 @@ def test_masks_cover_exactly_their_objects():
     assert np.all(pixels[background] == 128)
     for mask, colour in zip(masks, (COLOURS["yellow"], COLOURS["blue"])):
         assert np.all(pixels[mask == 255] == colour)
-    side, radius = 0.85 * DEFAULT_SIZE * 32, DEFAULT_SIZE * 16  # in pixels; drawn to the nearest 1/4 pixel
+    side, radius = 0.85 * 0.375 * 32, 0.375 * 16  # in pixels; drawn to the nearest 1/4 pixel
     assert (side - 0.25) ** 2 <= masks[0].sum() / 255 <= (side + 0.25) ** 2
     assert math.pi * (radius - 0.25) ** 2 <= masks[1].sum() / 255 <= math.pi * (radius + 0.25) ** 2
     top, bottom = np.nonzero(masks[0])[0].mean(), np.nonzero(masks[1])[0].mean()
@@ -247,8 +247,8 @@ def test_generic_textures_render_two_colours_and_never_a_concept_look():
     inside = np.asarray(image)[mask == 255]
     found = {tuple(px) for px in inside}
     assert found == {COLOURS["red"], COLOURS["green"]}
-    assert caption(Scene((obj,), "black")) == "on a black background, in the centre a red and green striped circle"
-    assert caption(as_request(Scene((obj,), "black"), drop_colour=[True])) == "on a black background, in the centre a circle"
+    assert caption(Scene((obj,), "black")) == "a red and green striped circle in the centre, on a black background"
+    assert caption(as_request(Scene((obj,), "black"), drop_colour=[True])) == "a circle in the centre, on a black background"
     assert ("stripes", "blue", "yellow") in CONCEPT_TEXTURES   # the striped star's colours in either order
     for texture in CONCEPT_TEXTURES:
         with pytest.raises(ValueError, match="is a concept's look"):

@@ -459,7 +459,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
         cells = " | ".join(f"{_pct(curve[str(t)][i]['fidelity'])} / {_pct(curve[str(t)][i]['alignment'])}" for t in TAUS)
         lines.append(f"| {point['beta']} | {cells} |")
     lines += ["", "![beta curve](beta_curve.png)", "", "## Two concepts in one prompt", "",
-              "Prompts \"on the left a {1} and on the right a {2}\" (and top/bottom, both orders), Perfusion with "
+              "Prompts \"a {1} on the left and a {2} on the right\" (and top/bottom, both orders), Perfusion with "
               "the exact multi-concept edit (Appendix B).", "",
               "| concepts | both appear | fidelity (each) | alignment |", "|---|---|---|---|"]
     for pair, r in results["pairs"].items():

@@ -32,14 +32,11 @@ class ToyCaptionDataset(Dataset):
     `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"),
     captioned with it ("a red and green striped star") unless the colour is dropped ("a star"), so a
     look can be put into words and a superclass word covers varied looks, as in real data.
-    `masks=True` adds `"object_masks"` (2, size, size) float in [0, 1]: each object's soft mask in
-    caption order, zeros where the scene has fewer objects (what the localization loss of
-    `ldm.toy.localized` needs).
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 32, split: str = "train",
                  p_drop_colour: float = 0.1, p_drop_position: float = 0.1, p_drop_background: float = 0.15,
-                 p_drop_caption: float = 0.0, p_textured: float = 0.0, masks: bool = False):
+                 p_drop_caption: float = 0.0, p_textured: float = 0.0):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of items, got {n!r}")
         if split not in SPLITS:
@@ -54,7 +51,6 @@ class ToyCaptionDataset(Dataset):
         self.n, self.seed, self.size, self.split = n, int(seed), size, split
         self.p_drop = (p_drop_colour, p_drop_position, p_drop_background)
         self.p_drop_caption, self.p_textured = float(p_drop_caption), float(p_textured)
-        self.masks = bool(masks)
 
     def __len__(self) -> int:
         return self.n
@@ -77,12 +73,7 @@ class ToyCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene, request = self.scene(index)
-        image, masks = render(scene, self.size)
+        image, _ = render(scene, self.size)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         dropped = np.random.default_rng([self.seed, index, 1]).random() < self.p_drop_caption
-        item = {"image": pixels, "caption": "" if dropped else caption(request)}
-        if self.masks:
-            item["object_masks"] = torch.zeros(2, self.size, self.size)
-            for k, m in enumerate(masks):
-                item["object_masks"][k] = torch.from_numpy(m.astype(np.float32) / 255.0)
-        return item
+        return {"image": pixels, "caption": "" if dropped else caption(request)}

@@ -6,8 +6,8 @@ For each concept of `ldm.toy.world.CONCEPTS`: `<out>/<name>/<name>_<i>.png` (one
 varied positions and backgrounds) and `<out>/<name>/mask/<name>_<i>.png` (the generator's exact
 soft mask), the layout `ldm.data.personalized.PersonalizedDataset` reads.
 `<out>/concepts.json` records each concept's superclass word and each image's scene, caption
-and prompt template (the caption with `{}` for the concept's word: "on a gray background, on the
-left a {}"); `<out>/preview.png` shows every image above its mask. The files depend only on
+and prompt template (the caption with `{}` for the concept's word: "a {} on the left, on a gray
+background"); `<out>/preview.png` shows every image above its mask. The files depend only on
 `--seed`, so rerunning rewrites identical bytes.
 """
 from __future__ import annotations

@@ -3,11 +3,9 @@
     python -m ldm.toy.pretrain --out ckpt/toy
 
 1. the KL autoencoder (configs/toy/autoencoder.yaml) -> <logdir>/toy-autoencoder.safetensors
-2. its decoder fine-tuned with the encoder frozen (configs/toy/decoder.yaml): the latent space
-   stays exactly as it is -> <logdir>/toy-decoder.safetensors
-3. the text-to-image LatentDiffusion with its CLIP-architecture text encoder trained from
+2. the text-to-image LatentDiffusion with its CLIP-architecture text encoder trained from
    scratch (configs/toy/ldm.yaml) -> <out>/toy-ldm.safetensors (CompVis names, float16)
-4. the text encoder's covariance over 20k fresh toy captions (data/estimate_covariance.py)
+3. the text encoder's covariance over 20k fresh toy captions (data/estimate_covariance.py)
    -> <out>/covariance.safetensors
 
 Extra `key=value` arguments are passed to both training runs (e.g. lightning.trainer.max_steps=10
@@ -85,18 +83,10 @@ def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume
     times["autoencoder"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    decoder_path = Path(logdir) / "toy-decoder.safetensors"
-    if not (resume and decoder_path.is_file()):
-        vae = _train(ROOT / "configs/toy/decoder.yaml", "toy-decoder", logdir, [f"model.ckpt={vae_path}", *overrides],
-                     resume)
-        save_weights(vae, decoder_path, dtype=torch.float32)
-    times["decoder"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     ldm_path, done = out / "toy-ldm.safetensors", Path(logdir) / "toy-ldm.done"
     if not (resume and done.is_file() and ldm_path.is_file()):
         ldm = _train(ROOT / "configs/toy/ldm.yaml", "toy-ldm", logdir,
-                     [f"model.params.first_stage_ckpt={decoder_path}", *overrides], resume)
+                     [f"model.params.first_stage_ckpt={vae_path}", *overrides], resume)
         save_weights(ldm, ldm_path)
         done.write_text(f"{ldm_path}\n")
     times["ldm"] = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from ldm.toy.scorer import SLOTS, Scorer, ScorerNet
 from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, LOOKS, SHAPES, Geometry, Scene, render,
                            sample_object, sample_positions, sample_textured)
 
-SCORER_GEOMETRY = Geometry(size=(0.34, 0.5), jitter=0.065)
+SCORER_GEOMETRY = Geometry(size=(0.3, 0.45), jitter=0.065)
 IGNORE = -100  # label of an absent object's attributes, and of a concept's colour
 
 

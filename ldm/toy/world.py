@@ -1,7 +1,7 @@
 """A procedurally generated toy world: small images of one or two shapes, with captions from a grammar.
 
     scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "blue", "right")), "black")
-    caption(scene)  # 'on a black background, on the left a red circle and on the right a blue square'
+    caption(scene)  # 'a red circle on the left and a blue square on the right, on a black background'
     image, masks = render(scene)  # 32x32 RGB PIL image, one uint8 soft mask per object
 
 Grammar: 1 or 2 objects; SHAPES x COLOURS; one object at any of POSITIONS, two objects at
@@ -62,7 +62,7 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset({
     ("green", "star"), ("blue", "ring"), ("purple", "square"),
 })
 
-DEFAULT_SIZE = 0.42  # object diameter as a fraction of the image side (13.4 px at 32x32)
+DEFAULT_SIZE = 0.375  # object diameter as a fraction of the image side (12 px at 32x32)
 SUPERSAMPLE = 4  # render at 4x and average 4x4 blocks: antialiased edges, deterministic
 
 
@@ -78,9 +78,9 @@ class Concept:
 
 # Every look is symmetric under a left-right flip, so flip augmentation keeps it intact.
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
-    # horizontal bands, 3 px each at 32x32, yellow and blue
+    # horizontal bands, 2 px each at 32x32, yellow and blue
     Concept("striped_star", "striped star", "star", "stripes", (COLOURS["yellow"], COLOURS["blue"])),
-    # red square with a 2x2 grid of large white dots
+    # red square with a 3x3 grid of white dots
     Concept("polka_dot_square", "polka-dot square", "square", "dots", (COLOURS["red"], COLOURS["white"])),
     # orange upper half, blue lower half
     Concept("two_tone_ring", "two-tone ring", "ring", "halves", (COLOURS["orange"], COLOURS["blue"])),
@@ -170,9 +170,8 @@ def _article(word: str) -> str:
 
 
 def describe(obj: SceneObject, noun: str | None = None) -> str:
-    """'on the left a red circle', 'a red and green striped star'; `noun` replaces the look and shape
-    words (e.g. a concept's placeholder). The noun comes last: in a causal text encoder it then
-    carries its object's position, colour and texture, so one token holds the whole object."""
+    """'a red circle on the left', 'a red and green striped star'; `noun` replaces the look and shape
+    words (e.g. a concept's placeholder)."""
     if noun is None:
         if obj.look != "plain":
             noun = CONCEPTS[obj.look].phrase
@@ -181,7 +180,7 @@ def describe(obj: SceneObject, noun: str | None = None) -> str:
         else:
             noun = f"{obj.colour} {obj.shape}" if obj.colour is not None else obj.shape
     words = f"{_article(noun)} {noun}"
-    return words if obj.position is None else f"{POSITION_PHRASES[obj.position]} {words}"
+    return words if obj.position is None else f"{words} {POSITION_PHRASES[obj.position]}"
 
 
 def _textured_noun(pattern: str, a: str, b: str, shape: str) -> str:
@@ -196,15 +195,14 @@ def look_words(name: str) -> str:
 
 
 def caption(scene: Scene, nouns: Sequence[str | None] | None = None) -> str:
-    """The caption of `scene`; unset fields are left out. `nouns[i]` overrides object i's noun.
-    The background comes first, so no word of it sees (in a causal encoder) an object's noun."""
+    """The caption of `scene`; unset fields are left out. `nouns[i]` overrides object i's noun."""
     if not scene.objects:
         raise ValueError("an empty scene has no caption")
     nouns = list(nouns) if nouns is not None else [None] * len(scene.objects)
     if len(nouns) != len(scene.objects):
         raise ValueError(f"got {len(nouns)} nouns for {len(scene.objects)} objects")
     text = " and ".join(describe(o, n) for o, n in zip(scene.objects, nouns))
-    return text if scene.background is None else f"on a {scene.background} background, {text}"
+    return text if scene.background is None else f"{text}, on a {scene.background} background"
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -274,12 +272,13 @@ def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.
     a, b = (np.array(c, np.uint8) for c in colours)
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
     if pattern == "stripes":
-        band = side * 3 / 32  # 3 px bands at 32x32 (they survive the autoencoder), aligned on the centre
+        band = side * 2 / 32  # 2 px bands at 32x32, aligned on the object's centre
         second = np.floor((ys - cy) / band) % 2 == 1
     elif pattern == "dots":
-        step, radius = 0.42 * d, 0.13 * d  # 2x2 dots inside the square (half side 0.425 d)
-        gx, gy = np.sign(xs - cx) * step / 2, np.sign(ys - cy) * step / 2
-        second = (xs - cx - gx) ** 2 + (ys - cy - gy) ** 2 <= radius ** 2
+        step, radius = 0.3 * d, 0.1 * d  # 3x3 dots inside the square (half side 0.425 d)
+        gx, gy = np.round((xs - cx) / step), np.round((ys - cy) / step)
+        near = (np.abs(gx) <= 1) & (np.abs(gy) <= 1)
+        second = near & ((xs - cx - gx * step) ** 2 + (ys - cy - gy * step) ** 2 <= radius ** 2)
     elif pattern == "halves":
         second = ys >= cy
     else:
@@ -318,7 +317,7 @@ def render(scene: Scene, size: int = 32) -> tuple[Image.Image, list[np.ndarray]]
 @dataclass(frozen=True)
 class Geometry:
     """Ranges of object size and centre jitter (fractions of the image side)."""
-    size: tuple[float, float] = (0.39, 0.46)
+    size: tuple[float, float] = (0.35, 0.43)
     jitter: float = 0.03
 
 
