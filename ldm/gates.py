@@ -29,6 +29,14 @@ class GateTable:
     sim: list[list[float]]
     gate: list[list[float]]
 
+    def owned(self, n: int = 0) -> list[int]:
+        """Positions of concept n's own placeholder."""
+        return [t for t, own in enumerate(self.own) if own[n]]
+
+    def others(self, n: int = 0) -> list[int]:
+        """Every other position (start, words, end, padding, other concepts' tokens)."""
+        return [t for t, own in enumerate(self.own) if not own[n]]
+
 
 def _labels(tokenizer, ids: list[int]) -> list[str]:
     labels, ended = [], False
@@ -81,7 +89,7 @@ def leak_warning(table: GateTable, betas: Sequence[float], threshold: float = 0.
     for n in sorted({f[2] for f in found}):
         mine = [f for f in found if f[2] == n]
         close = max(f[3] for f in mine)
-        own = [table.sim[t][n] for t in range(len(table.tokens)) if table.own[t][n]]
+        own = [table.sim[t][n] for t in table.owned(n)]
         words = ", ".join(f"{label!r}" for _, label, *_ in mine[:6]) + (f" and {len(mine) - 6} more" if len(mine) > 6 else "")
         note = f"; its own token's sim is {min(own):.2f}, so that beta closes it too" if own and min(own) <= close else ""
         parts.append(f"concept {n + 1} (beta {betas[n]:g}): gate above {threshold} at {words}; "
@@ -106,10 +114,9 @@ def gate_summary(tables: Sequence[GateTable], threshold: float = 0.5) -> dict[st
     token, and how many other tokens are above `threshold` (what training logs to TensorBoard)."""
     own_sim, own_gate, other_max, other_open = [], [], [], []
     for table in tables:
-        own = [t for t in range(len(table.tokens)) if table.own[t][0]]
-        others = [table.gate[t][0] for t in range(len(table.tokens)) if not table.own[t][0]]
-        own_sim += [table.sim[t][0] for t in own]
-        own_gate += [table.gate[t][0] for t in own]
+        others = [table.gate[t][0] for t in table.others()]
+        own_sim += [table.sim[t][0] for t in table.owned()]
+        own_gate += [table.gate[t][0] for t in table.owned()]
         other_max.append(max(others, default=0.0))
         other_open.append(sum(g > threshold for g in others))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731

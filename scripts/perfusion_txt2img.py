@@ -161,17 +161,16 @@ def main(argv=None) -> int:
     loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths,
                            gate_at=args.gate_at)
     tokenizer = model.cond_stage_model.tokenizer
-    if model.bank.active:
+    if args.show_gates and not model.bank.active:
+        raise ValueError("--show_gates: textual-inversion concepts have no gate")
+    if model.bank.active and (args.show_gates or args.gate_at == "all"):
         tables = gate_tables(model, [prepare_prompt(tokenizer, t, loaded) for t in prompts])
         if args.show_gates:
             print(f"beta {loaded.betas}, tau {loaded.taus}; * marks a concept's own token")
             print("\n\n".join(format_gate_table(t) for t in tables))
             return 0
-        for table in tables:
-            if args.gate_at == "all" and (line := leak_warning(table, loaded.betas)):
-                print(line, file=sys.stderr)
-    elif args.show_gates:
-        raise ValueError("--show_gates: textual-inversion concepts have no gate")
+        for line in filter(None, (leak_warning(table, loaded.betas) for table in tables)):
+            print(line, file=sys.stderr)
     side = model.image_size * model.first_stage_model.downsample_factor
     height, width = args.H or side, args.W or side
     shape = latent_shape(model, args.n_samples, height, width)

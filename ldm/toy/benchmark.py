@@ -211,9 +211,9 @@ class Bench:
                                               for p in templates(scenes, lambda o: "{}")])
         finally:
             unload_concepts(self.model)
-        others = [[t.gate[k][0] for k in range(len(t.tokens)) if not t.own[k][0]] for t in tables]
-        own_sim = [t.sim[k][0] for t in tables for k in range(len(t.tokens)) if t.own[k][0]]
-        other_sim = [max(t.sim[k][0] for k in range(len(t.tokens)) if not t.own[k][0]) for t in tables]
+        others = [[t.gate[k][0] for k in t.others()] for t in tables]
+        own_sim = [t.sim[k][0] for t in tables for k in t.owned()]
+        other_sim = [max(t.sim[k][0] for k in t.others()) for t in tables]
         return {"median_max_other_gate": median(max(o) for o in others),
                 "others_open": sum(sum(g > 0.5 for g in o) for o in others) / len(others),
                 "concept_sim": sum(own_sim) / len(own_sim), "median_max_other_sim": median(other_sim)}
@@ -223,13 +223,12 @@ class Bench:
         from dataclasses import replace
 
         from ldm.concepts import load_concept
-        from ldm.models.diffusion.perfusion import superclass_token_ids
+        from ldm.models.diffusion.perfusion import superclass_embedding, superclass_token_ids
 
         concept = load_concept(trained_file)
         encoder = self.model.cond_stage_model
         ids = superclass_token_ids(encoder.tokenizer, concept.superclass)
-        return replace(concept, i_star=concept.i_super,
-                       embedding=encoder.token_embedding.weight[ids].float().mean(0).detach().cpu())
+        return replace(concept, i_star=concept.i_super, embedding=superclass_embedding(encoder, ids).detach().cpu())
 
     def base_model(self, seeds: int = 3) -> dict:
         """Prompt-following on the held-out prompts (`seeds` renders each) and the nouns' attention

@@ -73,24 +73,14 @@ def localization(model, scene: Scene, prompt: str | None = None, t: int = 500, s
     looking at the scene's own render noised to timestep t (as in training)."""
     import torch.nn.functional as F
 
-    from ldm.modules.attention import cross_attention_layers
-
     image, masks = render(scene)
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     mask = torch.from_numpy(masks[0].astype("float32") / 255)[None, None]
     g = torch.Generator().manual_seed(seed)
     z = model.encode_first_stage(pixels.to(model.device), sample=False)
     noise = torch.randn(z.shape, generator=g).to(z.device)
-    steps = torch.tensor([t], device=z.device)
-    probs = []
-    layers = [attn for _, attn in cross_attention_layers(model.model.diffusion_model)]
-    for attn in layers:
-        attn.attention_probs_hook = lambda module, p: probs.append(p[0].mean(0))   # (h*w, tokens)
-    try:
-        model.apply_model(model.q_sample(z, steps, noise), steps, model.get_learned_conditioning([prompt or caption(scene)]))
-    finally:
-        for attn in layers:
-            attn.attention_probs_hook = None
+    x_t = model.q_sample(z, torch.tensor([t], device=z.device), noise)
+    probs = [p.mean(0) for p in model.cross_attention_probs(prompt or caption(scene), t, x_t=x_t)]   # (h*w, tokens)
     inside, outside = 0.0, 0.0
     for p in probs:
         side = int(round(p.shape[0] ** 0.5))

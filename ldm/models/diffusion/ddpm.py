@@ -133,9 +133,11 @@ class LatentDiffusion(pl.LightningModule):
         return self.model(x_noisy, t, cond)
 
     @torch.no_grad()
-    def cross_attention_probs(self, prompt: str, t: int = 500, seed: int = 0) -> list[torch.Tensor]:
+    def cross_attention_probs(self, prompt: str, t: int = 500, seed: int = 0,
+                              x_t: torch.Tensor | None = None) -> list[torch.Tensor]:
         """softmax(q k^T) of every text cross-attention layer, (heads, Nq, Nk) float32 each, for
-        `prompt` on one seeded noise latent at timestep t (what the network attends to, not a sample)."""
+        `prompt` on the latent x_t (1, C, h, w) at timestep t, by default one seeded noise latent
+        (what the network attends to, not a sample)."""
         from ldm.modules.attention import cross_attention_layers
 
         probs = []
@@ -144,9 +146,10 @@ class LatentDiffusion(pl.LightningModule):
             attn.attention_probs_hook = lambda module, p: probs.append(p[0])
         try:
             cond = self.get_learned_conditioning([prompt])
-            g = torch.Generator(device=self.device.type).manual_seed(seed)
-            z = torch.randn(1, self.channels, self.image_size, self.image_size, generator=g, device=self.device)
-            self.apply_model(z, torch.tensor([t], device=self.device), cond)
+            if x_t is None:
+                g = torch.Generator(device=self.device.type).manual_seed(seed)
+                x_t = torch.randn(1, self.channels, self.image_size, self.image_size, generator=g, device=self.device)
+            self.apply_model(x_t, torch.tensor([t], device=self.device), cond)
         finally:
             for attn in layers:
                 attn.attention_probs_hook = None

@@ -153,7 +153,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         """(B, T, N) bool: where each active concept's placeholder sits, if the bank's rule needs it."""
         if not self.bank.needs_positions:
             return None
-        ids = torch.tensor(list(self.placeholder_rows), device=device)
+        ids = torch.tensor(list(self.concept_rows()), device=device)
         return tokens.to(device)[..., None] == ids
 
     def superclass_alignment(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         encoder = self.cond_stage_model
         first = not bool(self.initialized)
         if first:
-            self.embedding.copy_(encoder.token_embedding.weight[self.superclass_ids].float().mean(0))
+            self.embedding.copy_(superclass_embedding(encoder, self.superclass_ids))
         encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
         rows = torch.arange(len(captions), device=encodings.device)
         pos = self._concept_positions(tokens, [self.placeholder_id], "placeholder", captions)
@@ -259,8 +259,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         cond = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
         self.activate_training_concept()
         if self.bank.active:
-            positions = (tokens == self.placeholder_id)[..., None].to(cond.device) if self.bank.needs_positions else None
-            cond = self.bank.pack(cond, None, positions)
+            cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
         z = self.encode_first_stage(batch[self.first_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
@@ -356,6 +355,11 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         heat = torch.stack(maps).mean(0)
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
         return torch.cat([heat, heat ** 2, 1 - heat], dim=1).cpu()   # warm = attended
+
+
+def superclass_embedding(encoder, ids: Sequence[int]) -> torch.Tensor:
+    """Where the placeholder's embedding starts: the mean of the superclass's token embeddings (float32)."""
+    return encoder.token_embedding.weight[list(ids)].float().mean(0)
 
 
 def word_pattern(word: str) -> re.Pattern:
