@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.data.templates import TEMPLATES, fill
+from ldm.errors import UserError
 
 
 class SoftMasker:
@@ -27,9 +28,9 @@ class SoftMasker:
     def __init__(self, model, processor, word: str, templates: Sequence[str] = TEMPLATES):
         word = " ".join(word.split())
         if not word:
-            raise ValueError("the superclass word is empty")
+            raise UserError("the superclass word is empty")
         if not templates:
-            raise ValueError("no prompt templates given")
+            raise UserError("no prompt templates given")
         self.model, self.processor = model, processor
         self.prompts = [fill(t, word) for t in templates]
         self.device = next(model.parameters()).device
@@ -45,7 +46,7 @@ class SoftMasker:
     def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Mean over templates of sigmoid(logits), shape (B, H, W) at CLIPSeg's resolution, on the CPU."""
         if not images:
-            raise ValueError("no images given")
+            raise UserError("no images given")
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
         # Same steps as CLIPSegForImageSegmentation.forward, with the vision pass shared by all
         # templates (tests/test_soft_segment.py checks equality with forward()).

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.errors import MissingFileError, UserError
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 HINT = "download the Hugging Face model CIDAS/clipseg-rd64-refined into it (see ckpt/README.md)"
@@ -17,20 +19,20 @@ def check_model_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         what = "is a file" if directory.exists() else "no such directory"
-        raise FileNotFoundError(f"{directory}: CLIPSeg model folder not found ({what}); {HINT}")
+        raise MissingFileError(f"{directory}: CLIPSeg model folder not found ({what}); {HINT}")
     config = directory / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json, so not a Hugging Face model folder; {HINT}")
+        raise MissingFileError(f"{directory}: no config.json, so not a Hugging Face model folder; {HINT}")
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ValueError(f"{config}: not a valid JSON model config ({err})") from err
+        raise UserError(f"{config}: not a valid JSON model config ({err})") from err
     if model_type != "clipseg":
-        raise ValueError(f"{config}: model_type is {model_type!r}, expected 'clipseg'")
+        raise UserError(f"{config}: model_type is {model_type!r}, expected 'clipseg'")
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"{directory}: no weights (looked for {', '.join(WEIGHT_FILES)}); {HINT}")
+        raise MissingFileError(f"{directory}: no weights (looked for {', '.join(WEIGHT_FILES)}); {HINT}")
     if not any((directory / name).is_file() for name in PROCESSOR_FILES):
-        raise FileNotFoundError(f"{directory}: no image preprocessing config "
+        raise MissingFileError(f"{directory}: no image preprocessing config "
                                 f"(looked for {', '.join(PROCESSOR_FILES)}); {HINT}")
     return directory
 
@@ -64,5 +66,5 @@ def load_clipseg(directory: str | Path, device: str | torch.device = "cpu"):
         model = CLIPSegForImageSegmentation.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{directory}: cannot load the CLIPSeg model: {first}") from err
+        raise UserError(f"{directory}: cannot load the CLIPSeg model: {first}") from err
     return model.to(device).eval(), processor

@@ -6,6 +6,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.errors import UserError
+
 TINT = np.array([255.0, 40.0, 40.0])
 BACKGROUND = (32, 32, 32)
 
@@ -31,7 +33,7 @@ def make_preview(items: Sequence[tuple[str, Image.Image, np.ndarray]], thumb: in
     """Grid of (name, image, uint8 mask) entries: image | overlay, labelled with the name,
     the mask's peak and the fraction of pixels above one half."""
     if not items:
-        raise ValueError("no images to preview")
+        raise UserError("no images to preview")
     font = ImageFont.load_default()
     label_h, pad = 18, 6
     cols = min(pairs_per_row, len(items))

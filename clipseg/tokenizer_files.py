@@ -17,6 +17,7 @@ from pathlib import Path
 
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
+from ldm.errors import NotAFolderError, UserError
 from ldm.util import atomic_path
 
 VOCAB_SIZE = 49408
@@ -33,7 +34,7 @@ def clip_vocabulary() -> tuple[dict[str, int], tuple[str, ...]]:
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [SOT, EOT]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"{default_bpe()}: expected {VOCAB_SIZE} distinct CLIP tokens, built {len(vocab)}")
+        raise UserError(f"{default_bpe()}: expected {VOCAB_SIZE} distinct CLIP tokens, built {len(vocab)}")
     return vocab, merges
 
 
@@ -41,7 +42,7 @@ def write_tokenizer_files(directory: str | Path) -> list[Path]:
     """Write `vocab.json` and `merges.txt` into `directory`; returns the two paths."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise NotADirectoryError(f"{directory}: not a directory")
+        raise NotAFolderError(f"{directory}: not a directory")
     vocab, merges = clip_vocabulary()
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
     with atomic_path(vocab_path) as tmp:

@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from ldm.data.templates import TEMPLATES, fill  # noqa: E402
+from ldm.errors import UserError  # noqa: E402
 from ldm.util import atomic_path  # noqa: E402
 
 ANIMALS = ["cat", "kitten", "tabby cat", "black cat", "siamese cat", "dog", "puppy", "golden retriever",
@@ -278,7 +279,7 @@ def generate(n: int, seed: int = 0) -> list[str]:
     while len(captions) < n:
         attempts += 1
         if attempts > 50 * n:
-            raise ValueError(f"could not compose {n} distinct captions (got {len(captions)}); lower --n")
+            raise UserError(f"could not compose {n} distinct captions (got {len(captions)}); lower --n")
         text = " ".join(rng.choices(makers, weights)[0](rng).split())
         if text not in seen:
             seen.add(text)

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.data.images import list_images, load_rgb  # noqa: E402
+from ldm.errors import UserError  # noqa: E402
 from ldm.util import atomic_path  # noqa: E402
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "ckpt" / "clipseg-rd64-refined"
@@ -55,9 +56,9 @@ def check_unique_stems(images: list[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in images:
         if path.stem == Path(PREVIEW_NAME).stem:
-            raise ValueError(f"{path}: its mask would overwrite the preview sheet {PREVIEW_NAME}; rename the image")
+            raise UserError(f"{path}: its mask would overwrite the preview sheet {PREVIEW_NAME}; rename the image")
         if path.stem in seen:
-            raise ValueError(f"{path} and {seen[path.stem]} would both write mask {path.stem}.png; rename one of them")
+            raise UserError(f"{path} and {seen[path.stem]} would both write mask {path.stem}.png; rename one of them")
         seen[path.stem] = path
 
 
@@ -89,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     image_dir = Path(args.image_dir)
     out_dir = Path(args.out_dir) if args.out_dir else image_dir / "mask"
     images = list_images(image_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; expected a folder for the masks")
     if out_dir.resolve() == image_dir.resolve():
-        raise ValueError(f"--out_dir {out_dir} is the image folder itself; masks need a folder of their own")
+        raise UserError(f"--out_dir {out_dir} is the image folder itself; masks need a folder of their own")
     if not images:
-        raise ValueError(f"{image_dir}: no images found (expected files such as .jpg, .png, .webp)")
+        raise UserError(f"{image_dir}: no images found (expected files such as .jpg, .png, .webp)")
     check_unique_stems(images)
     todo = [p for p in images if args.overwrite or not mask_path(out_dir, p).exists()]
     print(f"{len(images)} images in {image_dir}; {len(todo)} to segment, {len(images) - len(todo)} masks kept")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as err:
-            raise ValueError(f"--device {args.device!r} is not a torch device ({err})") from err
+            raise UserError(f"--device {args.device!r} is not a torch device ({err})") from err
         model, processor = load_clipseg(args.model_weight, device=device)
         masker = SoftMasker(model, processor, args.super_class)
         out_dir.mkdir(parents=True, exist_ok=True)

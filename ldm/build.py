@@ -5,32 +5,31 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from ldm.checkpoint import load_model
-from ldm.util import instantiate_from_config
+from ldm.errors import UserError
+from ldm.util import REPO_ROOT, instantiate_from_config
 
 
-class ConfigError(ValueError):
+# `${repo:ckpt/toy/x.safetensors}` in a config: a path inside this repository, whatever the working directory.
+OmegaConf.register_resolver("repo", lambda path: str(REPO_ROOT / path), replace=True)
+
+
+class ConfigError(UserError):
     """A configuration that cannot be used; the message is one line naming the file or field."""
 
 
 def load_config(paths: Sequence[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
-    """Merge YAML files left to right, then `key=value` overrides (OmegaConf dot-list syntax)."""
+    """Merge YAML files left to right, then `key=value` overrides (OmegaConf dot-list syntax).
+
+    A file's `base:` key (a file name or a list, relative to the file) names the configs it is an
+    overlay on: they are merged first, so a setting lives in one file."""
     if not paths:
         raise ConfigError("no config given (pass at least one YAML file)")
-    configs = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            configs.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, YAMLError, ValueError) as err:
-            first = " ".join(str(err).split())
-            raise ConfigError(f"{path}: not valid YAML: {first}")
+    configs = [_load_overlay(Path(path)) for path in paths]
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -42,6 +41,28 @@ def load_config(paths: Sequence[str | Path], overrides: Iterable[str] = ()) -> D
     if "model" not in merged:
         raise ConfigError(f"{paths[-1]}: config has no 'model' section")
     return merged
+
+
+def _load_overlay(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """One config file, merged over the files its `base:` key names."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: the base: keys form a loop ({' -> '.join(p.name for p in seen)} -> {path.name})")
+    try:
+        config = OmegaConf.load(path)
+    except (OmegaConfBaseException, YAMLError, ValueError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}")
+    if not isinstance(config, DictConfig):
+        raise ConfigError(f"{path}: expected sections (model:, data:, lightning:) at the top level, got a "
+                          f"{type(config).__name__.removesuffix('Config').lower()}")
+    bases = config.pop("base", None)
+    if bases is None:
+        return config
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, (list, ListConfig)) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base must be a config file name or a list of them, relative to {path.parent}")
+    return OmegaConf.merge(*(_load_overlay(path.parent / b, seen + (path.resolve(),)) for b in bases), config)
 
 
 def build_model(config: DictConfig, ckpt: str | Path | None = None, use_ema: bool = False,

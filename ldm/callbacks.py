@@ -22,6 +22,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import CheckpointError
+from ldm.errors import UserError
 from ldm.outputs import save_png, to_pil
 from ldm.util import fingerprint_tensors
 
@@ -31,7 +32,7 @@ class _EveryNSteps(Callback):
 
     def __init__(self, every_n_steps: int):
         if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be 0 (off) or positive, got {every_n_steps}")
+            raise UserError(f"every_n_steps must be 0 (off) or positive, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self._last_step = -1
 
@@ -170,7 +171,7 @@ class ImageLogger(_EveryNSteps):
     def __init__(self, dirpath: str | Path, every_n_steps: int = 100, max_images: int = 4, split: str = "train"):
         super().__init__(every_n_steps)
         if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
+            raise UserError(f"max_images must be at least 1, got {max_images}")
         self.dirpath, self.max_images, self.split = Path(dirpath), max_images, split
 
     def _fire(self, trainer, pl_module, batch) -> None:
@@ -238,7 +239,7 @@ class StepProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, log_interval_s: float = 10.0):
         super().__init__(refresh_rate=refresh_rate)
         if log_interval_s < 0:
-            raise ValueError(f"log_interval_s must be 0 or more seconds, got {log_interval_s}")
+            raise UserError(f"log_interval_s must be 0 or more seconds, got {log_interval_s}")
         self.log_interval_s = log_interval_s
         self._interactive = True
         self._last_redraw = 0.0

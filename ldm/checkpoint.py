@@ -14,6 +14,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ldm.errors import UserError
+
 # Buffers of LatentDiffusion that the schedule recomputes from the config; checkpoints carry them.
 SCHEDULE_BUFFERS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -24,7 +26,7 @@ SCHEDULE_BUFFERS = {
 _CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line that names the file."""
 
 

@@ -1,22 +1,29 @@
-"""What every command-line entry point shares: one-line errors instead of tracebacks."""
+"""What every command-line entry point shares: one-line errors for what the user can fix."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
-from ldm.build import ConfigError
-from ldm.checkpoint import CheckpointError
+from ldm.errors import UserError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError)
+# Operating-system failures the user fixes outside the program (space, permissions, a read-only disk).
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def run_cli(main: Callable[[], int]) -> None:
-    """Run `main`; a user error prints `error: <message>` on one line and exits with status 2."""
+    """Run `main`; a UserError (or a full, read-only or forbidden disk) prints `error: <message>` on one
+    line and exits with status 2, Ctrl-C exits with 130, and any other exception keeps its traceback."""
     try:
         code = main()
-    except USER_ERRORS as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        code = 2
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

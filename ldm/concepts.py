@@ -12,11 +12,13 @@ Metadata `method` says how the concept was trained (the paper's ablations, for c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ldm.errors import UserError
 from ldm.util import atomic_path
 
 FORMAT = "perfusion-concept"
@@ -24,7 +26,7 @@ VERSION = 1
 METHODS = ("perfusion", "trained_keys", "embedding")
 
 
-class ConceptError(ValueError):
+class ConceptError(UserError):
     """A concept file that cannot be used; the message is one line naming the file."""
 
 
@@ -90,6 +92,14 @@ def load_concept(path: str | Path) -> Concept:
     missing = [k for k in ("embedding", "i_star", "i_super", "o_star_v.0") if k not in tensors]
     if missing:
         raise ConceptError(f"{path}: missing tensors {', '.join(missing)}")
+    unknown = sorted(k for k in tensors if k not in ("embedding", "i_star", "i_super")
+                     and not re.fullmatch(r"o_star_[vk]\.\d+", k))
+    if unknown:
+        raise ConceptError(f"{path}: unknown tensor {unknown[0]!r}; a concept holds embedding, i_star, i_super, "
+                           "o_star_v.<layer> (and o_star_k.<layer>)")
+    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if not_float:
+        raise ConceptError(f"{path}: tensor {not_float[0]} is {tensors[not_float[0]].dtype}; expected floating point")
     layers = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("o_star_v."))
     if layers != list(range(len(layers))):
         raise ConceptError(f"{path}: o_star_v layers are not numbered 0..{len(layers) - 1}")
@@ -104,12 +114,19 @@ def load_concept(path: str | Path) -> Concept:
         raise ConceptError(f"{path}: method {method!r} needs o_star_k.0..{len(layers) - 1} exactly when its keys "
                            f"are trained, found {len(keys)} o_star_k tensors")
     try:
+        fingerprints, extra = json.loads(meta.get("fingerprints", "{}")), json.loads(meta.get("extra", "{}"))
+    except ValueError as err:
+        raise ConceptError(f"{path}: metadata 'fingerprints' or 'extra' is not JSON ({err})")
+    for key, value in (("fingerprints", fingerprints), ("extra", extra)):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConceptError(f"{path}: metadata {key!r} must be a JSON object of text values, got {value!r}")
+    try:
         return Concept(
             embedding=tensors["embedding"], i_star=tensors["i_star"], i_super=tensors["i_super"],
             o_star_v=[tensors[f"o_star_v.{i}"] for i in layers],
             placeholder=meta["placeholder"], superclass=meta["superclass"],
             train_beta=float(meta["train_beta"]), train_tau=float(meta["train_tau"]),
-            fingerprints=json.loads(meta.get("fingerprints", "{}")), extra=json.loads(meta.get("extra", "{}")),
+            fingerprints=fingerprints, extra=extra,
             method=method, o_star_k=[tensors[f"o_star_k.{i}"] for i in keys] or None,
         )
     except (KeyError, ValueError) as err:

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Mapping, TextIO
 import torch
 from tqdm import tqdm
 
+from ldm.errors import MissingFileError, UserError
 from ldm.util import atomic_path
 
 FORMAT = "perfusion-covariance"
@@ -34,7 +35,7 @@ MAX_CONDITION = 1e10
 DEFAULT_RIDGE = 1e-6
 
 
-class CovarianceError(ValueError):
+class CovarianceError(UserError):
     """A covariance file or matrix that cannot be used; the message names the file or the problem."""
 
 
@@ -45,7 +46,7 @@ def token_mask(tokens: torch.Tensor, rule: str, eot_token_id: int) -> torch.Tens
     whether padding is EOT (SD1) or 0 (SD2). A row without EOT is all words after SOT.
     """
     if rule not in TOKEN_RULES:
-        raise ValueError(f"unknown token rule {rule!r}; expected one of {', '.join(TOKEN_RULES)}")
+        raise UserError(f"unknown token rule {rule!r}; expected one of {', '.join(TOKEN_RULES)}")
     if tokens.dim() != 2:
         raise ValueError(f"token ids must have shape (B, L), got {tuple(tokens.shape)}")
     batch, length = tokens.shape
@@ -103,7 +104,7 @@ class CovarianceAccumulator:
 def add_ridge(c: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     """(C + a I, a) with a = ridge * tr(C) / d, the mean eigenvalue times the relative `ridge`."""
     if ridge < 0 or not math.isfinite(ridge):
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        raise UserError(f"ridge must be a finite number >= 0, got {ridge}")
     if not ridge:
         return c, 0.0
     a = float(ridge * torch.trace(c) / c.shape[0])
@@ -120,7 +121,7 @@ def iter_captions(path: str | Path, limit: int | None = None) -> Iterator[str]:
     """Non-blank lines of `path`, stripped, streamed (never the whole file in memory)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption file not found" + (" (it is a directory)" if path.is_dir() else ""))
+        raise MissingFileError(f"{path}: caption file not found" + (" (it is a directory)" if path.is_dir() else ""))
     count = 0
     try:
         with _open_text(path) as f:
@@ -132,16 +133,16 @@ def iter_captions(path: str | Path, limit: int | None = None) -> Iterator[str]:
                     count += 1
                     yield text
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save the captions as UTF-8") from err
+        raise UserError(f"{path}: not UTF-8 text ({err.reason}); save the captions as UTF-8") from err
     except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read captions: {err}") from err
+        raise UserError(f"{path}: cannot read captions: {err}") from err
 
 
 def count_captions(path: str | Path, limit: int | None = None) -> int:
     """Number of captions that `iter_captions` yields; ValueError if there are none."""
     n = sum(1 for _ in iter_captions(path, limit))
     if n == 0:
-        raise ValueError(f"{path}: no captions (the file is empty or has only blank lines)")
+        raise UserError(f"{path}: no captions (the file is empty or has only blank lines)")
     return n
 
 
@@ -166,9 +167,9 @@ def accumulate(encoder, captions: str | Path | Iterable[str], max_captions: int 
     U-Net's cross-attention context. Returns the accumulator and a SHA-256 of the captions used.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if token_rule not in TOKEN_RULES:
-        raise ValueError(f"unknown token rule {token_rule!r}; expected one of {', '.join(TOKEN_RULES)}")
+        raise UserError(f"unknown token rule {token_rule!r}; expected one of {', '.join(TOKEN_RULES)}")
     source = str(captions) if isinstance(captions, (str, Path)) else "the caption list"
     if isinstance(captions, (str, Path)):
         captions = iter_captions(captions, max_captions)
@@ -189,7 +190,7 @@ def accumulate(encoder, captions: str | Path | Iterable[str], max_captions: int 
             acc.update(encodings, token_mask(tokens, token_rule, eot))
             bar.update(len(batch))
     if acc.sequences == 0:
-        raise ValueError(f"{source}: no captions (the file is empty or has only blank lines)")
+        raise UserError(f"{source}: no captions (the file is empty or has only blank lines)")
     return acc, digest.hexdigest()
 
 
@@ -202,6 +203,16 @@ def estimate_covariance(encoder, captions: str | Path | Iterable[str], max_capti
     """
     acc, _ = accumulate(encoder, captions, max_captions, token_rule, batch_size, progress)
     return acc.finalize(ridge)
+
+
+def estimate_fingerprint(encoder_fingerprint: str, captions: str | Path, max_captions: int | None,
+                         token_rule: str = "all") -> str:
+    """The identity of an estimated C: its source (text encoder, caption file, limits), not its
+    value, whose last bits change with the number of CPU threads that summed it."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"estimate|{encoder_fingerprint}|{max_captions}|{token_rule}|".encode())
+    h.update(Path(captions).read_bytes())
+    return h.hexdigest()
 
 
 def eigen_report(c: torch.Tensor) -> dict[str, float]:
@@ -248,7 +259,7 @@ def load_covariance(path: str | Path, device: str | torch.device = "cpu"
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such covariance file (make one with data/estimate_covariance.py)")
+        raise MissingFileError(f"{path}: no such covariance file (make one with data/estimate_covariance.py)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ldm.errors import UserError
 from ldm.modules.perfusion import concept_gates
 
 
@@ -60,7 +61,7 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     concepts active in `model.bank` (loaded by `load_concepts`, or the concept being trained)."""
     bank = model.bank
     if not bank.active:
-        raise ValueError("no Perfusion concept is active (textual-inversion concepts have no gate)")
+        raise UserError("no Perfusion concept is active (textual-inversion concepts have no gate)")
     model.ensure_covariance()
     encoder = model.cond_stage_model
     rows = model.concept_rows()

@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from ldm.concepts import Concept, ConceptError, load_concept
+from ldm.errors import UserError
 from ldm.models.diffusion.perfusion import word_pattern
-from ldm.modules.perfusion import superclass_keys
+from ldm.modules.perfusion import ConceptState, superclass_keys
 
 # Rare single CLIP tokens (SD1 and SD2 share the BPE vocabulary); each one is checked at load time.
 PLACEHOLDER_TOKENS = ("sks", "ohwx", "nlwx", "rctid", "httr", "shld", "wral", "pafc")
@@ -42,6 +43,7 @@ class LoadedConcepts:
     global_locking: bool
     exact: bool
     gate_at: str = "all"
+    state: ConceptState | None = None   # what the model's bank applies while these are loaded
 
     def describe(self) -> list[dict]:
         """Per-concept settings, for image metadata."""
@@ -52,15 +54,19 @@ class LoadedConcepts:
 
 def per_concept(values: Sequence[float] | float, n: int, name: str) -> list[float]:
     """One value for all `n` concepts, or exactly one per concept."""
-    values = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    numbers = [values] if isinstance(values, (int, float)) else values
+    if isinstance(values, (str, bytes)) or not isinstance(numbers, Sequence) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise UserError(f"{name} must be a number or a list of numbers (one per concept), got {values!r}")
+    values = [float(v) for v in numbers]
     if len(values) == 1:
         values = values * n
     if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} values for {n} concepts; give one value or one per concept")
+        raise UserError(f"{name} has {len(values)} values for {n} concepts; give one value or one per concept")
     if any(v != v or v in (float("inf"), float("-inf")) for v in values):
-        raise ValueError(f"{name} values must be finite numbers, got {values}")
+        raise UserError(f"{name} values must be finite numbers, got {values}")
     if name == "tau" and any(v <= 0 for v in values):
-        raise ValueError(f"tau must be > 0 (it divides the gate's input), got {values}")
+        raise UserError(f"tau must be > 0 (it divides the gate's input), got {values}")
     return values
 
 
@@ -111,7 +117,7 @@ def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
     for token in tokens:
         encoded = tokenizer.encode(token)
         if len(encoded) != 1:
-            raise ValueError(f"placeholder token {token!r} is not a single token of this tokenizer")
+            raise UserError(f"placeholder token {token!r} is not a single token of this tokenizer")
         ids.append(encoded[0])
     return tokens, ids
 
@@ -119,7 +125,7 @@ def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
                   global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None,
                   gate_at: str = "all") -> LoadedConcepts:
-    """Load concept files (or Concept objects) into a PerfusionLatentDiffusion for sampling.
+    """Load concept files (or Concept objects; one or a list) into a PerfusionLatentDiffusion for sampling.
 
     Replaces whatever was loaded before. `betas`/`taus`: one value or one per concept.
     `global_locking`: keys see the prompt with each concept's superclass word (Sec. 4 of the paper).
@@ -127,21 +133,23 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     `gate_at`: "all" (Eq. 3 at every token, the paper's rule) or "concept" (the gated edit only at
     each concept's own placeholder token; every other token gets the base projection).
     """
+    if isinstance(concepts, (str, Path, Concept)):   # one concept
+        concepts = [concepts]
     if gate_at not in ("all", "concept"):
-        raise ValueError(f"gate_at must be 'all' or 'concept', got {gate_at!r}")
+        raise UserError(f"gate_at must be 'all' or 'concept', got {gate_at!r}")
     if not hasattr(model, "bank"):
-        raise ValueError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
+        raise UserError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
                          "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
     if names is None:
         names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
     n = len(concepts)
     if not 1 <= n <= len(PLACEHOLDER_TOKENS):
-        raise ValueError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
+        raise UserError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
     betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
     loaded = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
     methods = {c.method for c in loaded}
     if "embedding" in methods and len(methods) > 1:
-        raise ValueError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "
+        raise UserError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "
                          f"in one model: {', '.join(f'{nm}: {c.method}' for nm, c in zip(names, loaded))}")
     check_fingerprints(model, loaded, names)
     for concept, name in zip(loaded, names):
@@ -150,44 +158,45 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         _check_independent(loaded, names, model.bank.C_inv)
     tokens, ids = placeholder_tokens(model.cond_stage_model.tokenizer, n)
 
-    unload_concepts(model)
     device = model.bank.C_inv.device
     embed_dtype = model.cond_stage_model.token_embedding.weight.dtype
-    model.placeholder_rows = {i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)}
-    model.superclass_words = {tok: c.superclass for tok, c in zip(tokens, loaded)}
     bank = model.bank
-    if methods == {"embedding"}:   # textual inversion: only the placeholder rows change
-        return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, False, exact)
-    bank.global_locking, bank.exact, bank.gate_at = global_locking, exact, gate_at
-    i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
-    i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
-    o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
-               for layer in range(len(bank.values))]
-    o_key = None
-    if "trained_keys" in methods:   # the ablation's learned keys; locked ones stay W_K i_super
-        locked = superclass_keys(bank.keys, i_super)
-        o_key = [torch.stack([c.o_star_k[layer].to(device, torch.float32) if c.method == "trained_keys"
-                              else locked[layer][j] for j, c in enumerate(loaded)])
-                 for layer in range(len(bank.keys))]
-    bank.set(i_star, i_super, o_value, betas, taus, o_key=o_key)
-    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking, exact, gate_at)
+    state = dict(rows={i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)},
+                 words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact)
+    if methods != {"embedding"}:   # textual inversion: only the placeholder rows change
+        i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
+        i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
+        o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
+                   for layer in range(len(bank.values))]
+        o_key = None
+        if "trained_keys" in methods:   # the ablation's learned keys; locked ones stay W_K i_super
+            locked = superclass_keys(bank.keys, i_super)
+            o_key = [torch.stack([c.o_star_k[layer].to(device, torch.float32) if c.method == "trained_keys"
+                                  else locked[layer][j] for j, c in enumerate(loaded)])
+                     for layer in range(len(bank.keys))]
+        state.update(bank.targets(i_star, i_super, o_value, betas, taus, o_key=o_key),
+                     global_locking=global_locking, gate_at=gate_at)
+    bank.state = ConceptState(**state)   # one assignment: what was loaded before is replaced whole
+    edited = methods != {"embedding"}
+    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking and edited, exact,
+                          gate_at if edited else "all", bank.state)
 
 
 def set_gates(model, loaded: LoadedConcepts, betas, taus) -> None:
     """Change beta/tau of the loaded concepts (no reloading)."""
+    if model.bank.state is not loaded.state:
+        raise UserError("these concepts are no longer loaded in the model (unloaded, or replaced by another "
+                        "load_concepts); load them again")
     n = len(loaded.concepts)
-    loaded.betas, loaded.taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
+    betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
     if model.bank.active:   # textual-inversion concepts have no gates
-        model.bank.set_gates(loaded.betas, loaded.taus)
+        model.bank.set_gates(betas, taus)
+    loaded.betas, loaded.taus, loaded.state = betas, taus, model.bank.state
 
 
 def unload_concepts(model) -> None:
     """Back to the base model: outputs are then bit-identical to a plain LatentDiffusion's."""
-    model.bank.clear()
-    model.bank.global_locking = False
-    model.bank.gate_at = "all"
-    model.placeholder_rows = {}
-    model.superclass_words = {model.placeholder: model.superclass}
+    model.bank.state = ConceptState(unloaded=frozenset(word for word, _ in model.bank.state.words.values()))
 
 
 def format_prompt(template: str, tokens: Sequence[str]) -> str:
@@ -195,22 +204,24 @@ def format_prompt(template: str, tokens: Sequence[str]) -> str:
     n = len(tokens)
     slots = _SLOT.findall(template)
     if "" in slots and len(slots) > slots.count(""):
-        raise ValueError(f"prompt {template!r} mixes '{{}}' with numbered placeholders; use {{1}}, {{2}}, ...")
+        raise UserError(f"prompt {template!r} mixes '{{}}' with numbered placeholders; use {{1}}, {{2}}, ...")
     if "" in slots and n != 1:
-        raise ValueError(f"prompt {template!r} uses '{{}}' but {n} concepts are loaded; name them {{1}}..{{{n}}}")
+        raise UserError(f"prompt {template!r} uses '{{}}' but {n} concepts are loaded; name them {{1}}..{{{n}}}")
     for slot in slots:
         if slot and not 1 <= int(slot) <= n:
-            raise ValueError(f"prompt {template!r} names {{{slot}}} but {n} concept{'s are' if n != 1 else ' is'} "
+            raise UserError(f"prompt {template!r} names {{{slot}}} but {n} concept{'s are' if n != 1 else ' is'} "
                              f"loaded ({{1}}..{{{n}}})")
     for token in tokens:
         if word_pattern(token).search(template):
-            raise ValueError(f"prompt {template!r} contains {token!r}, a word reserved for the concepts' placeholders")
+            raise UserError(f"prompt {template!r} contains {token!r}, a word reserved for the concepts' placeholders")
     return _SLOT.sub(lambda m: tokens[int(m.group(1) or 1) - 1], template)
 
 
 def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts) -> str:
     """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own
     (and within the `tokenizer.max_length - 2` tokens it keeps between start and end)."""
+    if not isinstance(template, str):
+        raise UserError(f"prompt must be text with {{}} (or {{1}}, {{2}}, ...) for the concepts, got {template!r}")
     prompt = format_prompt(template, loaded.tokens)
     max_tokens = tokenizer.max_length - 2
     ids = tokenizer.encode(prompt)
@@ -218,9 +229,9 @@ def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts) -> str:
     for n, (token, token_id) in enumerate(zip(loaded.tokens, loaded.token_ids), start=1):
         wanted = slots.count(n)
         if ids.count(token_id) != wanted or len(word_pattern(token).findall(prompt)) != wanted:
-            raise ValueError(f"in prompt {template!r} placeholder {{{n}}} merges with the characters next to it; "
+            raise UserError(f"in prompt {template!r} placeholder {{{n}}} merges with the characters next to it; "
                              "put spaces or punctuation around each placeholder")
         if ids[:max_tokens].count(token_id) != wanted:
-            raise ValueError(f"prompt {template!r} is {len(ids)} tokens; placeholder {{{n}}} falls beyond the text "
+            raise UserError(f"prompt {template!r} is {len(ids)} tokens; placeholder {{{n}}} falls beyond the text "
                              f"encoder's limit of {max_tokens}")
     return prompt

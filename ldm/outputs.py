@@ -10,6 +10,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid
 
+from ldm.errors import UserError
 from ldm.util import atomic_path
 
 
@@ -58,7 +59,7 @@ def save_labelled_grid(images: torch.Tensor, path: str | Path, labels: Sequence[
 
     cols = len(labels)
     if cols == 0 or len(images) % cols:
-        raise ValueError(f"{len(images)} images do not fill {cols} labelled columns")
+        raise UserError(f"{len(images)} images do not fill {cols} labelled columns")
     grid = to_pil(make_grid(images, nrow=cols, padding=2, pad_value=1.0))
     cell = images.shape[-1] + 2
     size = 24   # largest font size (up to 24 px) at which every label fits its column

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.euler import EulerSampler
 from ldm.models.diffusion.guidance import make_generator
@@ -17,19 +18,48 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 def autocast_for(device: torch.device, precision: str):
     """Autocast context for 'fp16'/'bf16' (CUDA: both; CPU: bf16 only), nothing for 'fp32'."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return nullcontext()
     if device.type == "cpu" and dtype is torch.float16:
-        raise ValueError("fp16 autocast needs a GPU; use --precision bf16 or fp32 on the CPU")
+        raise UserError("fp16 autocast needs a GPU; use --precision bf16 or fp32 on the CPU")
     return torch.autocast(device.type, dtype=dtype)
+
+
+def check_sampling_flags(args) -> None:
+    """The flags both sampling scripts share (--steps, --scale, --ddim_eta, --H, --W, --n_samples, --seed,
+    --device), checked before anything is built: one line naming the flag."""
+    import math
+
+    for flag in ("scale", "ddim_eta"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag} must be a finite number, got {getattr(args, flag)}")
+    if args.ddim_eta < 0:
+        raise UserError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
+    for flag in ("steps", "n_samples", "H", "W"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {args.device!r}: expected cpu, cuda[:N] or mps")
 
 
 def latent_shape(model, n: int, height: int, width: int) -> tuple[int, int, int, int]:
     factor = model.first_stage_model.downsample_factor
+    for flag, value in (("--H", height), ("--W", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < factor:
+            raise UserError(f"{flag} (height/width) must be a whole number of pixels >= {factor}, got {value!r}")
     if height % factor or width % factor:
-        raise ValueError(f"--H {height} and --W {width} must be multiples of the autoencoder's factor {factor}")
+        raise UserError(f"--H {height} and --W {width} must be multiples of the autoencoder's factor {factor}")
     return (n, model.channels, height // factor, width // factor)
 
 
@@ -43,7 +73,13 @@ def generate(model, prompts: Sequence[str], negative_prompt: str = "", sampler: 
     `model.get_learned_conditioning` (Perfusion uses it to route concept prompts).
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        raise UserError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"prompts must be a non-empty list of text prompts, got {prompts!r}")
+    if not (isinstance(scale, (int, float)) and scale == scale and abs(scale) != float("inf")):
+        raise UserError(f"the guidance scale must be a finite number, got {scale!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a whole number >= 1, got {steps!r}")
     device = model.device
     encode = conditioning or model.get_learned_conditioning
     with autocast_for(device, precision):

@@ -1,22 +1,25 @@
 """Small helpers shared across the package: config-driven construction and atomic file writes."""
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ldm.errors import UserError
+
 
 def get_obj_from_str(path: str):
     """Import `package.module.Name` and return `Name`."""
     module, _, name = path.rpartition(".")
     if not module:
-        raise ValueError(f"target {path!r} is not a dotted path such as 'ldm.models.autoencoder.AutoencoderKL'")
+        raise UserError(f"target {path!r} is not a dotted path such as 'ldm.models.autoencoder.AutoencoderKL'")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"config target {path!r} cannot be imported: {err}") from err
+        raise UserError(f"config target {path!r} cannot be imported: {err}") from err
 
 
 def instantiate_from_config(config, **extra):
@@ -57,6 +60,8 @@ def atomic_path(path: str | os.PathLike):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):   # left by a writer that was killed
+            stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -81,5 +86,6 @@ def fingerprint_tensors(tensors, samples_per_tensor: int = 4096) -> str:
         if flat.numel() > samples_per_tensor:
             idx = torch.arange(samples_per_tensor, device=flat.device) * (flat.numel() - 1) // (samples_per_tensor - 1)
             flat = flat[idx]
-        h.update(flat.to(device="cpu", dtype=torch.float64).numpy().tobytes())
+        # + 0.0 turns -0.0 into 0.0: the same weights, whatever arithmetic last wrote their zeros
+        h.update((flat.to(device="cpu", dtype=torch.float64) + 0.0).numpy().tobytes())
     return h.hexdigest()

@@ -26,12 +26,13 @@ import torch  # noqa: E402
 from ldm.build import ConfigError, build_model, load_config  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.concepts import load_concept  # noqa: E402
+from ldm.errors import MissingFileError, UserError  # noqa: E402
 from ldm.gates import format_gate_table, gate_tables, leak_warning  # noqa: E402
 from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, per_concept,  # noqa: E402
                            prepare_prompt, set_gates)
 from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
 from ldm.outputs import save_grid, save_labelled_grid, save_samples  # noqa: E402
-from ldm.sample import PRECISIONS, SAMPLERS, generate, latent_shape  # noqa: E402
+from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate, latent_shape  # noqa: E402
 from ldm.util import get_obj_from_str  # noqa: E402
 
 DEFAULT_BETA = {False: 0.7, True: 0.5}   # public defaults: local key-locking 0.6-0.75, global 0.4-0.6
@@ -84,7 +85,7 @@ def numbers(text: str, flag: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)")
+        raise UserError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)")
 
 
 def sweep_values(text: str) -> list[float]:
@@ -94,25 +95,29 @@ def sweep_values(text: str) -> list[float]:
         if len(parts) != 3:
             raise ValueError
     except (ValueError, IndexError):
-        raise ValueError(f"--beta_sweep {text!r} must be START:STOP:COUNT, e.g. 0.4:0.8:5")
+        raise UserError(f"--beta_sweep {text!r} must be START:STOP:COUNT, e.g. 0.4:0.8:5")
     if count < 2:
-        raise ValueError(f"--beta_sweep {text!r}: COUNT must be at least 2")
+        raise UserError(f"--beta_sweep {text!r}: COUNT must be at least 2")
     return [round(v, 6) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist()]
 
 
 def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.from_file is not None:
-        raise ValueError("give --prompt or --from-file, not both")
+        raise UserError("give --prompt or --from-file, not both")
     if args.from_file is not None:
         path = Path(args.from_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--from-file {path}: no such file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise MissingFileError(f"--from-file {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--from-file {path}: not a UTF-8 text file (expected one prompt per line)") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"--from-file {path}: no prompts in it (one per line)")
+            raise UserError(f"--from-file {path}: no prompts in it (one per line)")
         return prompts
     if args.prompt is None:
-        raise ValueError('no prompt: pass --prompt "a photo of a {}" or --from-file FILE')
+        raise UserError('no prompt: pass --prompt "a photo of a {}" or --from-file FILE')
     return [args.prompt]
 
 
@@ -120,16 +125,16 @@ def check_args(args):
     """Everything that can be checked without building the model: fail fast, one line."""
     paths = [p.strip() for p in args.personalized_ckpt.split(",")]
     if any(not p for p in paths):
-        raise ValueError(f"--personalized_ckpt {args.personalized_ckpt!r} has an empty entry")
+        raise UserError(f"--personalized_ckpt {args.personalized_ckpt!r} has an empty entry")
     n = len(paths)
     if n > len(PLACEHOLDER_TOKENS):
-        raise ValueError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
+        raise UserError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
     betas = per_concept(numbers(args.beta, "--beta") if args.beta else DEFAULT_BETA[args.global_locking], n, "beta")
     taus = per_concept(numbers(args.tau, "--tau"), n, "tau")
     sweep = sweep_values(args.beta_sweep) if args.beta_sweep else None
-    for flag in ("steps", "n_samples", "n_iter"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_sampling_flags(args)
+    if args.n_iter < 1:
+        raise UserError(f"--n_iter must be at least 1, got {args.n_iter}")
     prompts = read_prompts(args)
     for template in prompts + [args.negative_prompt]:
         format_prompt(template, PLACEHOLDER_TOKENS[:n])
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
                            gate_at=args.gate_at)
     tokenizer = model.cond_stage_model.tokenizer
     if args.show_gates and not model.bank.active:
-        raise ValueError("--show_gates: textual-inversion concepts have no gate")
+        raise UserError("--show_gates: textual-inversion concepts have no gate")
     if model.bank.active and (args.show_gates or args.gate_at == "all"):
         tables = gate_tables(model, [prepare_prompt(tokenizer, t, loaded) for t in prompts])
         if args.show_gates:
@@ -172,7 +177,8 @@ def main(argv=None) -> int:
         for line in filter(None, (leak_warning(table, loaded.betas) for table in tables)):
             print(line, file=sys.stderr)
     side = model.image_size * model.first_stage_model.downsample_factor
-    height, width = args.H or side, args.W or side
+    height = side if args.H is None else args.H
+    width = side if args.W is None else args.W
     shape = latent_shape(model, args.n_samples, height, width)
     negative = prepare_prompt(tokenizer, args.negative_prompt, loaded)
     fixed = initial_noise(shape, model.device, make_generator(args.seed, model.device)) if args.fixed_code else None

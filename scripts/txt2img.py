@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from ldm.build import build_model, load_config  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.outputs import save_grid, save_samples  # noqa: E402
-from ldm.sample import PRECISIONS, SAMPLERS, generate  # noqa: E402
+from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,12 +44,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    check_sampling_flags(args)
     config = load_config([args.config])
     if args.ckpt is None:
         print(f"note: no --ckpt given, {args.config} runs with seeded random weights", file=sys.stderr)
     model = build_model(config, args.ckpt, use_ema=args.use_ema, device=args.device)
     side = model.image_size * model.first_stage_model.downsample_factor
-    height, width = args.H or side, args.W or side
+    height = side if args.H is None else args.H
+    width = side if args.W is None else args.W
     images = generate(model, [args.prompt] * args.n_samples, args.negative_prompt, args.sampler, args.steps,
                       args.scale, args.ddim_eta, height, width, args.seed, precision=args.precision)
     settings = {k: v for k, v in vars(args).items() if k not in ("device",)}

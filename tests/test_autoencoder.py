@@ -143,3 +143,22 @@ def test_attention_block_matches_direct_softmax():
     with torch.no_grad():
         got = attn(x)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_decoder_only_training_keeps_the_latent_space():
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY_DDCONFIG, embed_dim=4, train_decoder_only=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    latent = model.encode(x).mode().detach()
+    opt = model.configure_optimizers()
+    model.train()
+    assert not model.encoder.training and model.decoder.training
+    for _ in range(2):
+        loss = model.training_step({"image": x}, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"decoder", "post_quant_conv"}
+    assert torch.equal(model.encode(x).mode(), latent)

@@ -17,8 +17,7 @@ from ldm.covariance import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data"))
-import estimate_covariance as est  # noqa: E402
+from ldm import estimate_covariance as est  # noqa: E402
 
 TINY = {"sd1": REPO / "configs" / "tiny" / "v1-tiny.yaml", "sd2": REPO / "configs" / "tiny" / "v2-tiny.yaml"}
 CAPTIONS = REPO / "data" / "captions.txt"
@@ -175,6 +174,11 @@ def test_cli_reports_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {blank}: no captions (the file is empty or has only blank lines)"]
+
+
+def test_out_that_is_a_folder_is_refused_before_the_work(tmp_path):
+    with pytest.raises(ValueError, match="it is a folder"):
+        est.main(["--config", str(TINY["sd1"]), "--captions", str(tmp_path / "not-read.txt"), "--out", str(tmp_path)])
 
 
 def test_file_format_round_trip_and_bad_files(tmp_path):

@@ -93,3 +93,12 @@ def test_list_images_bad_directory(tmp_path):
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="file.png"):
         list_images(tmp_path / "file.png")
+
+
+def test_unreadable_links_are_skipped_with_the_warning(tmp_path):
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")      # a link to itself
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")   # a broken link
+    with pytest.warns(UserWarning, match="skipped 2 file"):
+        found = list_images(tmp_path)
+    assert [p.name for p in found] == ["a.png"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ldm.modules.perfusion as perfusion_edit
-from ldm.concepts import ConceptError, save_concept
+from ldm.concepts import ConceptError, load_concept, save_concept
 from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, prepare_prompt, set_gates,
                            unload_concepts)
 from ldm.modules.tokenizer import CLIPTokenizer
@@ -322,3 +322,64 @@ def test_trained_keys_replace_the_locked_keys(model, cat, dog):
     bad = replace(cat, method="trained_keys", o_star_k=keys[:-1])
     with pytest.raises(ConceptError, match="trained key outputs do not fit"):
         load_concepts(model, [bad])
+
+
+def test_api_boundary_refuses_what_it_cannot_use(model, cat):
+    one = load_concepts(model, concept_file("cat", 0))          # a single path is one concept
+    assert len(one.concepts) == 1
+    for betas in ("0.7", None, [0.7, "x"], True):
+        with pytest.raises(ValueError, match="beta must be a number or a list of numbers"):
+            load_concepts(model, [cat], betas=betas)
+    with pytest.raises(ValueError, match="prompt must be text"):
+        prepare_prompt(model.cond_stage_model.tokenizer, None, one)
+    for kwargs, match in (({"height": 0}, "--H"), ({"width": 8.5}, "--W"), ({"steps": 0}, "steps"),
+                          ({"scale": float("nan")}, "guidance scale")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, ["a photo of a cat"], **{**SAMPLE, **kwargs})
+    for prompts in ([], "a photo of a cat", [5]):
+        with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+            generate(model, prompts, **SAMPLE)
+
+
+def test_one_owner_for_the_loaded_state(model, cat, dog):
+    first = load_concepts(model, [cat, dog], 0.6, 0.15, global_locking=True)
+    state = model.bank.state
+    assert set(state.rows) == set(first.token_ids) and state.global_locking
+    assert [w for _, w in state.words.values()] == ["cat", "dog"]
+    with pytest.raises(ValueError, match="beta has 3 values"):
+        load_concepts(model, [cat], [0.5, 0.6, 0.7], 0.15)
+    assert model.bank.state is state                    # a refused load leaves the loaded concepts as they were
+    with model.bank.use(replace(state, global_locking=False)):
+        assert not model.bank.global_locking and model.placeholder_rows is state.rows
+    assert model.bank.state is state
+    set_gates(model, first, 0.5, 0.2)
+    assert first.state is model.bank.state and first.betas == [0.5, 0.5]
+    second = load_concepts(model, [dog])
+    with pytest.raises(ValueError, match="no longer loaded"):
+        set_gates(model, first, 0.5, 0.2)
+    prompt = prepare_prompt(model.cond_stage_model.tokenizer, "a photo of a {}", second)
+    unload_concepts(model)
+    with pytest.raises(ValueError, match="no longer loaded"):
+        set_gates(model, second, 0.5, 0.2)
+    with pytest.raises(ValueError, match="a concept that was unloaded"):
+        generate(model, [prompt], **SAMPLE)
+    assert model.placeholder_rows == {} and not model.bank.active and not model.bank.global_locking
+
+
+def test_concept_files_with_bad_contents_are_refused_by_name(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(concept_file("cat", 0)), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    cases = {
+        "unknown tensor 'o_star_v.x'": ({**tensors, "o_star_v.x": tensors["o_star_v.0"].clone()}, meta),
+        "tensor embedding is torch.int64": ({**tensors, "embedding": tensors["embedding"].long()}, meta),
+        "'fingerprints' must be a JSON object": (tensors, {**meta, "fingerprints": "[1, 2]"}),
+        "'extra' is not JSON": (tensors, {**meta, "extra": "{"}),
+    }
+    for n, (match, (t, m)) in enumerate(cases.items()):
+        path = tmp_path / f"c{n}.safetensors"
+        save_file(t, str(path), metadata=m)
+        with pytest.raises(ConceptError, match=f"c{n}.safetensors: .*{match}"):
+            load_concept(path)

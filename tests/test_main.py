@@ -23,7 +23,7 @@ from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-import main
+from ldm import train as main
 from ldm.build import ConfigError, build_model, load_config
 from ldm.callbacks import StepProgressBar
 from ldm.checkpoint import CheckpointError
@@ -287,12 +287,12 @@ def test_ctrl_c_saves_the_concept_and_a_resume_checkpoint(first_run, tmp_path):
     ctrl_c = CtrlC(at_step=3)
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit) as exit_info:  # Lightning exits with status 1 after Ctrl-C
-            run_main(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir", str(tmp_path),
-                      "lightning.trainer.max_steps=10"], extra_callbacks=[ctrl_c])
+        with pytest.raises(SystemExit) as exit_info:  # the command's exit status, as after a real Ctrl-C
+            run_cli(lambda: run_main(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir",
+                                      str(tmp_path), "lightning.trainer.max_steps=10"], extra_callbacks=[ctrl_c]))
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after the first
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 130          # as for sampling
     (run_dir,) = tmp_path.iterdir()
     saved = load_concept(run_dir / "concepts" / "last.safetensors")
     assert saved.superclass == "cat" and saved.tensors().keys() == ctrl_c.concept.keys()
@@ -440,3 +440,82 @@ def test_command_line_exit_status_for_a_missing_config(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_only_user_errors_become_one_line(capsys):
+    import errno
+
+    from ldm.errors import MissingFileError, UserError
+
+    def fails(err):
+        def main():
+            raise err
+        return main
+
+    for err in (UserError("x.yaml: bad\nvalue"), MissingFileError("c.safetensors: not found"),
+                OSError(errno.ENOSPC, "No space left on device", "out/a.png")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(fails(err))
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="a bug"):      # anything else keeps its traceback
+        run_cli(fails(ValueError("a bug")))
+    with pytest.raises(OSError):
+        run_cli(fails(OSError(errno.EIO, "I/O error")))
+
+
+def test_run_folders_started_in_the_same_second_are_distinct(tmp_path):
+    now = "2026-01-01T00-00-00"
+    first = main.new_run_dir(str(tmp_path), "x", now, create=True)
+    second = main.new_run_dir(str(tmp_path), "x", now, create=True)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert main.new_run_dir(str(tmp_path), "x", now, create=False) == tmp_path / f"{now}_x_2"
+    assert not (tmp_path / f"{now}_x_2").exists()      # a name only: checking a setup writes nothing
+
+
+def test_resume_refuses_unreadable_checkpoints_before_writing(first_run, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(first_run.run_dir, run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+
+    class Runs:          # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    for content in (b"", ckpt.read_bytes()[:200], pickle.dumps(Runs())):
+        ckpt.write_bytes(content)
+        configs = sorted((run / "configs").iterdir())
+        assert "cannot be read as a resume checkpoint" in cli_error(["--resume", str(run), "-t"], capsys)
+        assert sorted((run / "configs").iterdir()) == configs       # nothing added to the run
+
+
+def test_resume_keeps_the_concept_it_started(first_run, capsys):
+    err = cli_error(["--resume", str(first_run.run_dir), "-t", "model.params.superclass=dog"], capsys)
+    assert "model.params.superclass was 'cat' in the run, got 'dog'" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["a.b="], "'a' is not a config section"),
+    (["model.params.colour="], "model.params.colour is not in the config and the value is empty"),
+])
+def test_overrides_that_set_nothing_are_refused(first_run, extra, message, capsys, tmp_path):
+    err = cli_error(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir", str(tmp_path), *extra], capsys)
+    assert message in err
+
+
+def test_configs_without_a_lightning_section_or_as_a_list(first_run, tmp_path, capsys):
+    from ldm.build import load_config
+
+    config = OmegaConf.to_container(load_config([PERFUSION, first_run.config]))
+    del config["lightning"]
+    bare = tmp_path / "bare.yaml"
+    OmegaConf.save(OmegaConf.create(config), bare)
+    err = cli_error(["--base", str(bare), "--logdir", str(tmp_path / "logs")], capsys)
+    assert "lightning.trainer.max_steps must be a positive number" in err
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    assert "list.yaml: expected sections (model:, data:, lightning:) at the top level, got a list" in \
+        cli_error(["--base", str(listed)], capsys)

@@ -23,7 +23,21 @@ def test_readme_commands_name_existing_files():
     assert paths, "the README names no config or script"
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert missing == []
-    for command in ("pip install -e \".[test]\"", "python -m pytest -q", "python main.py --base configs/tiny/perfusion-tiny.yaml -t"):
+    for command in ("make demo", "make test", "pip install -e \".[test]\"", "python -m pytest -q"):
         assert command in readme
-    ci = (ROOT / ".ci/run").read_text()
-    assert "pip install --quiet -e \".[test]\"" in ci and "python -m pytest -q" in ci
+    assert "make test" in (ROOT / ".ci/run").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m pytest -q" in makefile.split("\ntest:")[1].split("\n\n")[0]
+    assert "pip install --quiet -e \".[test]\"" in makefile
+    assert len(readme.splitlines()) <= 250
+
+
+def test_readme_python_example_runs(monkeypatch):
+    """The README's Python block, executed as written (on the toy model it builds), from the repository."""
+    readme = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert tuple(namespace["images"].shape) == (2, 3, 32, 32)
+    assert not namespace["model"].bank.active

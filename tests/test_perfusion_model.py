@@ -215,3 +215,20 @@ def test_gate_rules_change_what_training_learns():
     assert not torch.allclose(learned["all"], learned["concept"])
     with pytest.raises(ValueError, match="gate_at must be one of"):
         tiny_perfusion_model("model.params.gate_at=somewhere")
+
+
+def test_estimated_covariance_is_identified_by_its_source_not_its_last_bits():
+    threads = torch.get_num_threads()
+    fingerprints = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            m = tiny_perfusion_model()
+            m.ensure_covariance()
+            fingerprints.append(m.fingerprints()["covariance"])
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprints[0] == fingerprints[1]
+    other = tiny_perfusion_model("model.params.covariance_max_captions=200")
+    other.ensure_covariance()
+    assert other.fingerprints()["covariance"] != fingerprints[0]

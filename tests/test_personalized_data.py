@@ -230,3 +230,21 @@ def test_per_image_captions_replace_the_templates(concept_dir):
     (concept_dir / "captions.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="cannot read the captions file"):
         PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")
+
+
+def test_a_caption_that_is_not_text_is_refused(concept_dir):
+    import json
+
+    names = ("cat.jpg", "cup.png", "cat_rgba.png", "cat_gray.png", "cat_exif.jpg")
+    (concept_dir / "captions.json").write_text(json.dumps({**{n: "a {}" for n in names}, "cup.png": 5}))
+    with pytest.raises(ValueError, match="captions.json: the caption of cup.png is 5; expected text"):
+        PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE, captions="captions.json")
+
+
+def test_all_black_masks_are_refused(concept_dir):
+    for path in (concept_dir / "mask").iterdir():
+        with Image.open(path) as m:
+            size = m.size
+        save_mask(path, np.zeros(size[::-1]))
+    with pytest.raises(ValueError, match="every mask is black"):
+        PersonalizedDataset(concept_dir, "sks", "cat", size=SIZE)

@@ -139,6 +139,9 @@ def test_clear_errors(tmp_path, image_dir, model_dir):
     with pytest.raises(ValueError, match="zz_broken.png"):
         with pytest.warns(UserWarning):
             run(image_dir, model_dir)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="--out_dir .*a-file is a file"):
+        run(image_dir, model_dir, "--out_dir", str(tmp_path / "a-file"))
     not_clipseg = tmp_path / "other-model"
     not_clipseg.mkdir()
     (not_clipseg / "config.json").write_text('{"model_type": "bert"}')

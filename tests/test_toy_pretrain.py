@@ -1,11 +1,12 @@
-"""The toy world's pretraining command: latent-scale folding, trainable text encoder, and a
-1-step end-to-end run of `python -m ldm.toy.pretrain` whose weights load into the toy config."""
+"""The toy world's pretraining command: latent-scale folding, trainable text encoder, the
+localization fine-tuning, and a 1-step end-to-end run of `python -m ldm.toy.pretrain` whose weights load into the toy config."""
 from __future__ import annotations
 
 import torch
 
 from ldm.build import build_model, load_config
 from ldm.covariance import load_covariance
+from ldm.toy.localized import LocalizedLatentDiffusion
 from ldm.toy.pretrain import main as pretrain_main, normalize_latent_scale
 from ldm.util import instantiate_from_config
 from tests.conftest import ROOT
@@ -49,7 +50,7 @@ def test_pretrain_resumes_an_interrupted_stage(tmp_path):
     out, logs = tmp_path / "ckpt", tmp_path / "logs"
     tiny = ["lightning.trainer.max_steps=1", "data.num_workers=0", "lightning.callbacks.checkpoint.every_n_steps=1"]
     assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", *tiny]) == 0
-    (logs / "toy-ldm.done").unlink()      # as if the LatentDiffusion stage had been interrupted after step 1
+    (logs / "toy-ldm-joint.safetensors").unlink()   # as if the LatentDiffusion stage had been interrupted after step 1
     (run,) = logs.glob("*_toy-ldm")
     vae_bytes = (logs / "toy-autoencoder.safetensors").read_bytes()
     longer = [t.replace("max_steps=1", "max_steps=2") for t in tiny]
@@ -58,7 +59,7 @@ def test_pretrain_resumes_an_interrupted_stage(tmp_path):
     assert (logs / "toy-autoencoder.safetensors").read_bytes() == vae_bytes    # the finished stage: skipped
     assert list(logs.glob("*_toy-ldm")) == [run] and len(list((run / "configs").glob("*-config.yaml"))) == 2
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
-    assert (logs / "toy-ldm.done").is_file()
+    assert (logs / "toy-ldm-joint.safetensors").is_file()
 
 
 def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
@@ -72,3 +73,48 @@ def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
     acc = prompt_accuracy(model, Scorer.load(ROOT / "ckpt/toy/scorer.safetensors"), scenes, steps=2)
     assert {"shape", "colour", "position", "overall"} <= set(acc)
     assert all(0.0 <= v <= 1.0 for v in acc.values() if v == v)   # NaN: attribute not asked for
+
+
+def _localized_model():
+    config = load_config([ROOT / "configs/toy/ldm.yaml", ROOT / "configs/toy/localize.yaml"])
+    torch.manual_seed(0)
+    return instantiate_from_config(config.model)
+
+
+def test_localization_assigns_each_word_to_its_object():
+    model = _localized_model()
+    caption = "a red and green striped star on the left and a blue circle on the right, on a black background"
+    rows, objects, positions = model.word_slots([caption, ""])
+    ids = model.cond_stage_model.tokenize([caption])[0]
+    words = [model.cond_stage_model.tokenizer.decode([int(ids[p])]).strip() for p in positions]
+    assert rows.tolist() == [0] * 8            # the empty caption has no localized word
+    assert list(zip(words, objects.tolist())) == [
+        ("red", 0), ("green", 0), ("striped", 0), ("star", 0), ("left", 0),
+        ("blue", 1), ("circle", 1), ("right", 1)]
+    assert not {"black", "background"} & set(words)
+
+
+def test_localization_loss_rewards_attention_inside_the_mask():
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :, :2] = 1                     # object 0: the left half
+    slots = (torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
+    inside, outside = torch.zeros(1, 1, 16, 3), torch.zeros(1, 1, 16, 3)
+    inside[0, 0, masks[0, 0].flatten() > 0, 1] = 1
+    outside[0, 0, masks[0, 0].flatten() == 0, 1] = 1
+    loss = LocalizedLatentDiffusion.localization_loss
+    assert float(loss([inside], masks, slots)) == -1.0 and float(loss([outside], masks, slots)) == 1.0
+
+
+def test_localization_trains_the_unet_only():
+    model = _localized_model()
+    from ldm.toy.dataset import ToyCaptionDataset
+
+    data = ToyCaptionDataset(4, seed=0, masks=True)
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    model.train()
+    loss = model.shared_step(batch)
+    loss.backward()
+    assert all(p.grad is None for p in model.cond_stage_model.parameters())
+    assert model.model.diffusion_model.input_blocks[0][0].weight.grad is not None
+    in_optimizer = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
+    assert id(model.cond_stage_model.token_embedding.weight) not in in_optimizer

@@ -151,7 +151,7 @@ def test_dataset_batches_through_main_config():
 
 
 def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
-    import main
+    from ldm import train as main
 
     data = tmp_path / "toy.yaml"
     OmegaConf.save(OmegaConf.create({

@@ -161,3 +161,27 @@ def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expe
     assert code == 2 and len(errors) == 1, err
     assert expected in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--H=-8"], "--H must be at least 1"),
+    (["--W", "0"], "--W must be at least 1"),
+    (["--scale", "nan"], "--scale must be a finite number"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
+    (["--from-file", "IMAGE"], "not a UTF-8 text file"),
+])
+def test_bad_sampling_flags_name_the_flag(script, capsys, files, tmp_path, flags, expected):
+    if "IMAGE" in flags:
+        from PIL import Image
+
+        image = tmp_path / "image.jpg"
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+        flags = [str(image) if f == "IMAGE" else f for f in flags]
+    argv = ["--config", files["config"], "--personalized_ckpt", files["cat"], "--outdir", tmp_path / "out", *FAST, *flags]
+    if "--from-file" not in flags:
+        argv += ["--prompt", "a {}"]
+    code, out, err = run(script, capsys, argv)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], err
+    assert not (tmp_path / "out").exists()

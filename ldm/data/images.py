@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.errors import MissingFileError, NotAFolderError, UserError
+
 # Extensions PIL can open (".jpg", ".png", ".webp", ...), computed once.
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -29,17 +31,21 @@ def list_images(directory: str | Path) -> list[Path]:
     """
     directory = Path(directory)
     if not directory.exists():
-        raise FileNotFoundError(f"{directory}: no such directory (expected a folder of images)")
+        raise MissingFileError(f"{directory}: no such directory (expected a folder of images)")
     if not directory.is_dir():
-        raise NotADirectoryError(f"{directory}: is a file, expected a folder of images")
+        raise NotAFolderError(f"{directory}: is a file, expected a folder of images")
     images, skipped = [], []
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() == ".json":
+        if path.name.startswith(".") or path.suffix.lower() == ".json" or path.is_dir():
+            continue
+        if not path.is_file():   # a broken link, a link loop, a socket: not readable as an image
+            skipped.append(path)
             continue
         (images if is_image_file(path) else skipped).append(path)
     if skipped:
         names = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{directory}: skipped {len(skipped)} file(s) that are not images: {names}", stacklevel=2)
+        warnings.warn(f"{directory}: skipped {len(skipped)} file(s) that are not images (or not readable): {names}",
+                      stacklevel=2)
     return images
 
 
@@ -51,13 +57,13 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+        raise MissingFileError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read image ({err.__class__.__name__}: {err})") from err
+        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})") from err
     return to_rgb(img, background)
 
 

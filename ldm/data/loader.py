@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.errors import UserError
+
 
 def derive_seed(*numbers: int) -> int:
     """A 63-bit seed mixing `numbers` (run seed, rank, start step) with NumPy's SeedSequence."""
@@ -29,7 +31,7 @@ class ShuffledPassSampler(Sampler[int]):
 
     def __init__(self, num_items: int, num_samples: int, seed: int):
         if num_items < 1 or num_samples < 1:
-            raise ValueError(f"need at least one item and one sample, got {num_items} items, {num_samples} samples")
+            raise UserError(f"need at least one item and one sample, got {num_items} items, {num_samples} samples")
         self.num_items, self.num_samples, self.seed = num_items, num_samples, seed
         self._iterations = 0  # a second pass (e.g. with limit_train_batches) gets a new order
 
@@ -50,9 +52,9 @@ class StepDataModule(pl.LightningDataModule):
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+            raise UserError(f"data.num_workers must be 0 or more, got {num_workers}")
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
 
     def samples_per_process(self) -> int:

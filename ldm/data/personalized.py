@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ldm.data.images import list_images, load_rgb, to_rgb
 from ldm.data.templates import TEMPLATES, fill
+from ldm.errors import MissingFileError, UserError
 
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
@@ -41,14 +42,14 @@ class PersonalizedDataset(Dataset):
         self.data_root = Path(data_root)
         for name, word in (("placeholder", placeholder), ("superclass", superclass)):
             if not isinstance(word, str) or not word.strip():
-                raise ValueError(f"{name} must be a non-empty word, got {word!r}")
+                raise UserError(f"{name} must be a non-empty word, got {word!r}")
         if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {size!r}")
+            raise UserError(f"size must be a positive number of pixels, got {size!r}")
         if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}")
+            raise UserError(f"flip_p must be a probability in [0, 1], got {flip_p!r}")
         self.templates = list(TEMPLATES if templates is None else templates)
         if not self.templates:
-            raise ValueError("templates is empty; give at least one prompt template such as 'a photo of a {}'")
+            raise UserError("templates is empty; give at least one prompt template such as 'a photo of a {}'")
         for template in self.templates:
             fill(template, placeholder)  # raises ValueError naming a template without exactly one '{}'
         self.placeholder, self.superclass = placeholder, superclass
@@ -56,7 +57,7 @@ class PersonalizedDataset(Dataset):
 
         self.paths = list_images(self.data_root)
         if not self.paths:
-            raise ValueError(f"{self.data_root}: no images found (expected files such as .jpg, .png, .webp)")
+            raise UserError(f"{self.data_root}: no images found (expected files such as .jpg, .png, .webp)")
         self.image_templates = self._read_captions(captions, placeholder) if captions else None
         self.mask_paths = self._find_masks(mask_dirname) if use_masks else None
         self._images: list[np.ndarray] = []  # (size, size, 3) uint8
@@ -67,6 +68,9 @@ class PersonalizedDataset(Dataset):
             self._images.append(np.array(self._fit(image, Image.Resampling.LANCZOS)))
             if mask is not None:
                 self._masks.append(np.array(self._fit(mask, Image.Resampling.BILINEAR)))
+        if self._masks and not any(m.any() for m in self._masks):
+            raise UserError(f"{self.data_root / mask_dirname}: every mask is black, so the loss would see no pixel of "
+                            "the concept; remake them (data/soft_segment.py, another --super_class) or set use_masks: false")
         self._rng: torch.Generator | None = None
         self._rng_owner: tuple[int, int | None] | None = None
 
@@ -75,7 +79,7 @@ class PersonalizedDataset(Dataset):
         stems: dict[str, Path] = {}
         for path in self.paths:
             if path.stem in stems:
-                raise ValueError(f"{path} and {stems[path.stem]} share the mask name {path.stem}.png; "
+                raise UserError(f"{path} and {stems[path.stem]} share the mask name {path.stem}.png; "
                                  "rename one of them")
             stems[path.stem] = path
         mask_dir = self.data_root / mask_dirname
@@ -83,7 +87,7 @@ class PersonalizedDataset(Dataset):
         missing = [m for m in masks if not m.is_file()]
         if missing:
             names = ", ".join(m.name for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{mask_dir}: {len(missing)} of {len(masks)} masks missing ({names}); make them with "
                 f"`python data/soft_segment.py --image_dir {self.data_root} --super_class {self.superclass}` "
                 f"or set use_masks: false")
@@ -98,13 +102,16 @@ class PersonalizedDataset(Dataset):
         try:
             table = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the captions file ({err.__class__.__name__}: {err})") from err
+            raise UserError(f"{path}: cannot read the captions file ({err.__class__.__name__}: {err})") from err
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: expected a JSON object {{image file name: template}}, got {type(table).__name__}")
+            raise UserError(f"{path}: expected a JSON object {{image file name: template}}, got {type(table).__name__}")
         missing = [p.name for p in self.paths if p.name not in table]
         if missing:
-            raise ValueError(f"{path}: no caption for {len(missing)} image(s) ({', '.join(missing[:3])})")
+            raise UserError(f"{path}: no caption for {len(missing)} image(s) ({', '.join(missing[:3])})")
         templates = [table[p.name] for p in self.paths]
+        wrong = [name for name, t in zip((p.name for p in self.paths), templates) if not isinstance(t, str)]
+        if wrong:
+            raise UserError(f"{path}: the caption of {wrong[0]} is {table[wrong[0]]!r}; expected text such as \"a {{}} on a sofa\"")
         for template in templates:
             fill(template, placeholder)   # raises ValueError naming a template without exactly one '{}'
         return templates
@@ -116,9 +123,9 @@ class PersonalizedDataset(Dataset):
             with Image.open(path) as mask:
                 mask.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read mask ({err.__class__.__name__}: {err})") from err
+            raise UserError(f"{path}: cannot read mask ({err.__class__.__name__}: {err})") from err
         if mask.size != image_size:
-            raise ValueError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is "
+            raise UserError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is "
                              f"{image_size[0]}x{image_size[1]} (width x height, after EXIF rotation); "
                              f"recompute it with data/soft_segment.py --overwrite")
         if mask.mode in _HIGH_DEPTH_MODES:

@@ -6,6 +6,8 @@ phrasings the concept is trained on.
 """
 from __future__ import annotations
 
+from ldm.errors import UserError
+
 TEMPLATES: list[str] = [
     "a photo of a {}",
     "a photo of the {}",
@@ -36,5 +38,5 @@ TEMPLATES: list[str] = [
 def fill(template: str, word: str) -> str:
     """`template` with `{}` replaced by `word` (a single placeholder is required)."""
     if template.count("{}") != 1:
-        raise ValueError(f"template {template!r} must contain exactly one '{{}}' placeholder")
+        raise UserError(f"template {template!r} must contain exactly one '{{}}' placeholder")
     return template.replace("{}", word)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import UserError
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 
@@ -18,16 +19,19 @@ class AutoencoderKL(pl.LightningModule):
     `ddconfig` holds the Encoder/Decoder arguments (double_z, z_channels, resolution, in_channels,
     out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, dropout). Carries no loss network.
     Trainable on its own with main.py (the toy world's first stage): L1 reconstruction plus
-    `kl_weight` times the KL to N(0, I) (no perceptual or adversarial loss).
+    `kl_weight` times the KL to N(0, I) (no perceptual or adversarial loss). `train_decoder_only`
+    freezes the encoder, so the latent space (and any diffusion model trained in it) stays as it
+    is while the decoder improves (as SD's fine-tuned VAE decoders were made).
     """
 
     def __init__(self, ddconfig: Mapping, embed_dim: int, learning_rate: float = 1e-3,
-                 kl_weight: float = 1e-6, image_key: str = "image"):
+                 kl_weight: float = 1e-6, image_key: str = "image", train_decoder_only: bool = False):
         super().__init__()
         self.learning_rate, self.kl_weight, self.image_key = learning_rate, kl_weight, image_key
+        self.train_decoder_only = train_decoder_only
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
-            raise ValueError("AutoencoderKL needs ddconfig double_z=True (the encoder predicts mean and log-variance)")
+            raise UserError("AutoencoderKL needs ddconfig double_z=True (the encoder predicts mean and log-variance)")
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         z_channels = ddconfig["z_channels"]
@@ -36,11 +40,20 @@ class AutoencoderKL(pl.LightningModule):
         self.embed_dim = embed_dim
         self.in_channels = ddconfig["in_channels"]
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        if train_decoder_only:
+            self.encoder.requires_grad_(False)
+            self.quant_conv.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.train_decoder_only:
+            self.encoder.eval()
+        return self
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         f = self.downsample_factor
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
+            raise UserError(
                 f"AutoencoderKL.encode expects images (B, {self.in_channels}, H, W) with H and W multiples of {f}; "
                 f"got {tuple(x.shape)}"
             )
@@ -73,4 +86,5 @@ class AutoencoderKL(pl.LightningModule):
         return {"inputs": (x + 1) / 2, "reconstructions": ((self(x, sample_posterior=False)[0] + 1) / 2).clamp(0, 1)}
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=0.0)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.learning_rate, weight_decay=0.0)

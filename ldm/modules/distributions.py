@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ldm.errors import UserError
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp range of the original LDM implementation
 
 
@@ -17,7 +19,7 @@ class DiagonalGaussianDistribution:
 
     def __init__(self, parameters: torch.Tensor):
         if parameters.dim() < 2 or parameters.shape[1] % 2:
-            raise ValueError(
+            raise UserError(
                 f"DiagonalGaussianDistribution expects parameters of shape (B, 2C, ...); got {tuple(parameters.shape)}"
             )
         self.parameters = parameters

@@ -15,8 +15,8 @@ import open_clip
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
-from transformers.masking_utils import create_causal_mask
 
+from ldm.errors import UserError
 from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.util import fingerprint_tensors
 
@@ -93,7 +93,7 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         super().__init__()
         self.tokenizer = CLIPTokenizer(max_length, pad_with_eot=True)
         if vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"vocab_size {vocab_size} is smaller than the CLIP tokenizer's {self.tokenizer.vocab_size}")
+            raise UserError(f"vocab_size {vocab_size} is smaller than the CLIP tokenizer's {self.tokenizer.vocab_size}")
         config = CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=width,
@@ -124,10 +124,11 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         # buffer, which is left uninitialised when the module is built on the meta device.
         positions = torch.arange(self.max_length, device=embeds.device)[None]
         hidden = self.transformer.embeddings(inputs_embeds=embeds, position_ids=positions)
-        mask = create_causal_mask(
-            config=self.transformer.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-        )
-        hidden = self.transformer.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        # The causal mask is made here, additive, so no transformers masking helper (whose
+        # arguments change between releases) is involved.
+        n = hidden.shape[1]
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype).triu(1)
+        hidden = self.transformer.encoder(inputs_embeds=hidden, attention_mask=mask[None, None]).last_hidden_state
         return self.transformer.final_layer_norm(hidden)
 
 
@@ -154,12 +155,12 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
     ):
         super().__init__()
         if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+            raise UserError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         if layer == "penultimate" and layers < 2:
-            raise ValueError(f"layer='penultimate' needs at least 2 transformer layers, got {layers}")
+            raise UserError(f"layer='penultimate' needs at least 2 transformer layers, got {layers}")
         self.tokenizer = CLIPTokenizer(max_length, pad_with_eot=False)
         if vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"vocab_size {vocab_size} is smaller than the CLIP tokenizer's {self.tokenizer.vocab_size}")
+            raise UserError(f"vocab_size {vocab_size} is smaller than the CLIP tokenizer's {self.tokenizer.vocab_size}")
         text_cfg = open_clip.model.CLIPTextCfg(
             context_length=max_length, vocab_size=vocab_size, width=width, heads=heads, layers=layers
         )

@@ -5,11 +5,15 @@ SIGGRAPH 2023 (arXiv 2305.01644): Eq. 3 for one concept, Appendix B for several.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.errors import UserError
 
 
 def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
@@ -17,7 +21,7 @@ def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
-        raise ValueError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
+        raise UserError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
     return t
 
 
@@ -42,7 +46,7 @@ def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, be
     beta = _per_concept(beta, n, "beta", e.device).to(dtype)
     tau = _per_concept(tau, n, "tau", e.device).to(dtype)
     if (tau <= 0).any():
-        raise ValueError(f"tau must be positive, got {tau.tolist()}")
+        raise UserError(f"tau must be positive, got {tau.tolist()}")
     with torch.autocast(e.device.type, enabled=False):
         sim = e.to(dtype) @ sim_probes(i_star, C_inv, e.device, dtype).T
         return sim, torch.sigmoid((sim - beta) / tau)
@@ -69,12 +73,12 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     tokens), and "concept" edits only the placeholder's own tokens (W e elsewhere).
     """
     if i_star.dim() != 2 or o_star.dim() != 2 or i_star.shape[0] != o_star.shape[0]:
-        raise ValueError(f"i_star (N, d_in) and o_star (N, d_out) must list the same concepts, "
+        raise UserError(f"i_star (N, d_in) and o_star (N, d_out) must list the same concepts, "
                          f"got {tuple(i_star.shape)} and {tuple(o_star.shape)}")
     if gate_at not in GATE_AT:
-        raise ValueError(f"gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
+        raise UserError(f"gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
     if gate_at != "all" and positions is None:
-        raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
+        raise UserError(f"gate_at={gate_at!r} needs the placeholder positions")
     n = i_star.shape[0]
     sim, gate = concept_gates(e, i_star, C_inv, beta, tau)
     dtype = sim.dtype
@@ -111,9 +115,9 @@ class Rank1EditLinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, role: str, index: int):
         if base.bias is not None:
-            raise ValueError("Perfusion edits bias-free projections (SD's to_k/to_v have no bias)")
+            raise UserError("Perfusion edits bias-free projections (SD's to_k/to_v have no bias)")
         if role not in ("key", "value"):
-            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+            raise UserError(f"role must be 'key' or 'value', got {role!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -139,7 +143,7 @@ def patch_cross_attention(unet: nn.Module) -> list[tuple[Rank1EditLinear, Rank1E
             attn.to_v = Rank1EditLinear(attn.to_v, "value", index)
         pairs.append((attn.to_k, attn.to_v))
     if not pairs:
-        raise ValueError("the U-Net has no cross-attention layers to edit")
+        raise UserError("the U-Net has no cross-attention layers to edit")
     return pairs
 
 
@@ -148,10 +152,32 @@ def superclass_keys(layers: Sequence[Rank1EditLinear], i_super: torch.Tensor) ->
     return [i_super.to(layer.weight.dtype) @ layer.weight.T for layer in layers]
 
 
-class ConceptBank:
-    """The edit targets that every Rank1EditLinear of one U-Net reads.
+@dataclass(frozen=True)
+class ConceptState:
+    """Everything the active concepts put into a model, as one value. The bank applies
+    `ConceptBank.state`; loading, unloading and image logging replace it whole (or swap it
+    for a while with `ConceptBank.use`), so no half of a state can stay behind."""
 
-    Holds C^-1 and, for N active concepts, i* (N, d_in), per-layer key targets
+    rows: Mapping[int, torch.Tensor] = field(default_factory=dict)      # placeholder token id -> its embedding
+    words: Mapping[int, tuple[str, str]] = field(default_factory=dict)  # token id -> (placeholder, superclass word)
+    i_star: torch.Tensor | None = None          # (N, d_in); None: no edit (base model, textual inversion)
+    o_key: tuple[torch.Tensor, ...] = ()        # per layer (N, d_out): W_K i_super, or trained keys
+    o_value: tuple[torch.Tensor, ...] = ()      # per layer (N, d_out): o*_V
+    beta: object = None                         # float or N values
+    tau: object = None
+    global_locking: bool = False
+    exact: bool = True                          # Appendix B's exact projection for several concepts
+    gate_at: str = "all"
+    unloaded: frozenset[str] = frozenset()      # placeholder words of concepts just unloaded (prompts must not use them)
+
+    def __post_init__(self):
+        if self.gate_at not in GATE_AT:
+            raise UserError(f"gate_at must be one of {', '.join(GATE_AT)}, got {self.gate_at!r}")
+
+
+class ConceptBank:
+    """The edit targets that every Rank1EditLinear of one U-Net reads: C^-1 and `state`, a
+    ConceptState holding, for N active concepts, i* (N, d_in), per-layer key targets
     o*_K = W_K i_super and value targets o*_V, and per-concept beta/tau.
 
     It also owns the layout of the context the edited layers receive (`pack` / `unpack`): the
@@ -163,7 +189,7 @@ class ConceptBank:
     tensor it saw: the encodings of a prompt do not change across denoising steps, so the
     edited keys and values are computed once per prompt. The samplers pass the same context
     tensor at every step; `cache = False` recomputes every call (same results, slower).
-    Change the targets or gates through `set` / `set_gates`, which empty the cache.
+    A new state (`state = ...`, `set`, `set_gates`, `clear`, `use`) empties the cache.
     """
 
     def __init__(self, pairs: Sequence[tuple[Rank1EditLinear, Rank1EditLinear]], C_inv: torch.Tensor,
@@ -173,15 +199,37 @@ class ConceptBank:
         for layer in self.keys + self.values:
             layer.bank = self
         self.C_inv = C_inv
-        self.exact = exact
-        self.global_locking = False
-        self.gate_at = "all"
-        self.i_star = None
-        self.o_key: list[torch.Tensor] = []
-        self.o_value: list[torch.Tensor] = []
-        self.beta = self.tau = None
         self.cache = True
         self._cache: dict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.state = ConceptState(exact=exact)
+
+    @property
+    def state(self) -> ConceptState:
+        return self._state
+
+    @state.setter
+    def state(self, state: ConceptState):
+        self._state = state
+        self._cache.clear()
+
+    @contextmanager
+    def use(self, state: ConceptState):
+        """Apply `state` inside the block, then restore the one before (also after an error)."""
+        previous, self.state = self.state, state
+        try:
+            yield state
+        finally:
+            self.state = previous
+
+    # read-only views of the state
+    i_star = property(lambda self: self._state.i_star)
+    o_key = property(lambda self: self._state.o_key)
+    o_value = property(lambda self: self._state.o_value)
+    beta = property(lambda self: self._state.beta)
+    tau = property(lambda self: self._state.tau)
+    global_locking = property(lambda self: self._state.global_locking)
+    exact = property(lambda self: self._state.exact)
+    gate_at = property(lambda self: self._state.gate_at)
 
     @property
     def active(self) -> bool:
@@ -191,43 +239,44 @@ class ConceptBank:
     def needs_positions(self) -> bool:
         return self.gate_at != "all"
 
-    def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
-            o_key: Sequence[torch.Tensor] | None = None):
-        """Activate N concepts: i_star, i_super (N, d_in); o_value[l] (N, d_out_l); beta/tau float or N.
-        Keys are locked (o*_K = W_K i_super) unless `o_key` gives them (the trained-keys ablation)."""
+    def targets(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
+                o_key: Sequence[torch.Tensor] | None = None) -> dict:
+        """The ConceptState fields of N concepts: i_star, i_super (N, d_in); o_value[l] (N, d_out_l);
+        beta/tau float or N. Keys are locked (o*_K = W_K i_super) unless `o_key` gives them (the
+        trained-keys ablation)."""
         if len(o_value) != len(self.values):
-            raise ValueError(f"concept has {len(o_value)} value outputs, the U-Net has {len(self.values)} "
+            raise UserError(f"concept has {len(o_value)} value outputs, the U-Net has {len(self.values)} "
                              "cross-attention layers (trained on another base model?)")
         self._check_gates(beta, tau, i_star.shape[0])
-        self.i_star = i_star
         if o_key is not None and len(o_key) != len(self.keys):
-            raise ValueError(f"{len(o_key)} key outputs given, the U-Net has {len(self.keys)} cross-attention layers")
-        self.o_key = superclass_keys(self.keys, i_super) if o_key is None else list(o_key)
-        self.o_value = list(o_value)
-        self.beta, self.tau = beta, tau
-        self._cache.clear()
+            raise UserError(f"{len(o_key)} key outputs given, the U-Net has {len(self.keys)} cross-attention layers")
+        o_key = superclass_keys(self.keys, i_super) if o_key is None else o_key
+        return dict(i_star=i_star, o_key=tuple(o_key), o_value=tuple(o_value), beta=beta, tau=tau)
+
+    def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
+            o_key: Sequence[torch.Tensor] | None = None, **settings):
+        """Activate N concepts (see `targets`); `settings` change other state fields (e.g. gate_at)."""
+        self.state = replace(self.state, **self.targets(i_star, i_super, o_value, beta, tau, o_key), **settings)
 
     def set_gates(self, beta, tau):
         """New inference-time beta/tau (float or one per active concept) for the same concepts."""
         if not self.active:
-            raise ValueError("no concepts are active; set them before their gates")
+            raise UserError("no concepts are active; set them before their gates")
         self._check_gates(beta, tau, self.i_star.shape[0])
-        self.beta, self.tau = beta, tau
-        self._cache.clear()
+        self.state = replace(self.state, beta=beta, tau=tau)
 
     @staticmethod
     def _check_gates(beta, tau, n: int):
         for name, v in (("beta", beta), ("tau", tau)):
             t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
             if t.numel() not in (1, n):
-                raise ValueError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
+                raise UserError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
             if name == "tau" and (t <= 0).any():
-                raise ValueError(f"tau must be positive, got {t.tolist()}")
+                raise UserError(f"tau must be positive, got {t.tolist()}")
 
     def clear(self):
-        self.i_star = None
-        self.o_key, self.o_value = [], []
-        self._cache.clear()
+        """No edit (the projections are the base model's); the other state fields stay."""
+        self.state = replace(self.state, i_star=None, o_key=(), o_value=(), beta=None, tau=None)
 
     # ----------------------------------------------------------------- context layout
     def pack(self, e: torch.Tensor, e_super: torch.Tensor | None = None,
@@ -235,9 +284,9 @@ class ConceptBank:
         """The context for the edited layers: e (B, T, d); with global locking the superclass prompt's
         encodings e_super (B, T, d), aligned to e token by token; positions (B, T, N) bool if needed."""
         if self.global_locking != (e_super is not None):
-            raise ValueError("global key-locking needs the superclass prompt's encodings, and only then")
+            raise UserError("global key-locking needs the superclass prompt's encodings, and only then")
         if self.needs_positions != (positions is not None):
-            raise ValueError(f"gate_at={self.gate_at!r}: placeholder positions are "
+            raise UserError(f"gate_at={self.gate_at!r}: placeholder positions are "
                              f"{'needed' if self.needs_positions else 'not used'}")
         context = e if e_super is None else torch.cat([e, e_super], dim=1)
         if positions is not None:

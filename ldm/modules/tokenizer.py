@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
+from ldm.errors import UserError
+
 
 @lru_cache(maxsize=1)
 def _bpe() -> SimpleTokenizer:
@@ -29,7 +31,7 @@ class CLIPTokenizer:
 
     def __init__(self, max_length: int = 77, *, pad_with_eot: bool):
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (room for start and end tokens), got {max_length}")
+            raise UserError(f"max_length must be at least 2 (room for start and end tokens), got {max_length}")
         self._bpe = _bpe()
         self.max_length = max_length
         self.pad_with_eot = pad_with_eot

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,11 @@ from typing import Sequence
 
 import torch
 
+from ldm.errors import UserError
 from ldm.toy import full_finetune
 from ldm.toy.world import CONCEPTS, Scene, SceneObject, caption, look_words
+from ldm.util import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/toy/perfusion.yaml"
 CONCEPT_DIR = ROOT / "data/toy/concepts"
 
@@ -246,7 +246,7 @@ class Bench:
 
 def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tuple[Path, float]:
     """Train with main.py's loop; returns (concept file, wall seconds)."""
-    import main
+    from ldm import train
 
     info = CONCEPTS[name]
     overrides = [f"data.params.data_root={CONCEPT_DIR / name}", f"model.params.superclass={info.shape}",
@@ -254,7 +254,7 @@ def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tupl
                  f"model.params.gate_at={variant.gate_at}",
                  "lightning.callbacks.image_logger.every_n_steps=1000000", f"lightning.trainer.max_steps={steps}"]
     start = time.perf_counter()
-    trainer = main.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),
+    trainer = train.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),
                         *overrides])
     seconds = time.perf_counter() - start
     return Path(trainer.default_root_dir) / "concepts" / "last.safetensors", seconds
@@ -522,7 +522,7 @@ def plot(out: Path, results: dict, labels: Sequence[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="reports/toy-benchmark", help="report folder (training runs go to OUT/runs)")
+    p.add_argument("--out", default=str(ROOT / "reports/toy-benchmark"), help="report folder (training runs go to OUT/runs)")
     p.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated, of " + ", ".join(CONCEPTS))
     p.add_argument("--train_steps", type=int, default=None, help="default: the config's max_steps")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
@@ -534,11 +534,11 @@ def main(argv=None) -> int:
     for flag in ("train_steps", "seeds", "sample_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be a positive whole number, got {value}")
+            raise UserError(f"--{flag} must be a positive whole number, got {value}")
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown or not concepts:
-        raise ValueError(f"--concepts {args.concepts!r}: expected names from {', '.join(CONCEPTS)}")
+        raise UserError(f"--concepts {args.concepts!r}: expected names from {', '.join(CONCEPTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     specs, betas = SCENE_SPECS, BETAS
@@ -554,7 +554,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     from ldm.cli import run_cli
 
     run_cli(main)

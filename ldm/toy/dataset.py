@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ldm.errors import UserError
 from ldm.toy.world import Scene, as_request, caption, render, sample_scene
 
 SPLITS = ("train", "heldout")
@@ -32,25 +33,29 @@ class ToyCaptionDataset(Dataset):
     `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"),
     captioned with it ("a red and green striped star") unless the colour is dropped ("a star"), so a
     look can be put into words and a superclass word covers varied looks, as in real data.
+    `masks=True` adds `"object_masks"` (2, size, size) float in [0, 1]: each object's soft mask in
+    caption order, zeros where the scene has fewer objects (what the localization loss of
+    `ldm.toy.localized` needs).
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 32, split: str = "train",
                  p_drop_colour: float = 0.1, p_drop_position: float = 0.1, p_drop_background: float = 0.15,
-                 p_drop_caption: float = 0.0, p_textured: float = 0.0):
+                 p_drop_caption: float = 0.0, p_textured: float = 0.0, masks: bool = False):
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive number of items, got {n!r}")
+            raise UserError(f"n must be a positive number of items, got {n!r}")
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if not isinstance(size, int) or size < 16:
-            raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
+            raise UserError(f"size must be an integer of at least 16 pixels, got {size!r}")
         for name, p in (("p_drop_colour", p_drop_colour), ("p_drop_position", p_drop_position),
                         ("p_drop_background", p_drop_background), ("p_drop_caption", p_drop_caption),
                         ("p_textured", p_textured)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+                raise UserError(f"{name} must be a probability in [0, 1], got {p!r}")
         self.n, self.seed, self.size, self.split = n, int(seed), size, split
         self.p_drop = (p_drop_colour, p_drop_position, p_drop_background)
         self.p_drop_caption, self.p_textured = float(p_drop_caption), float(p_textured)
+        self.masks = bool(masks)
 
     def __len__(self) -> int:
         return self.n
@@ -73,7 +78,12 @@ class ToyCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene, request = self.scene(index)
-        image, _ = render(scene, self.size)
+        image, masks = render(scene, self.size)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         dropped = np.random.default_rng([self.seed, index, 1]).random() < self.p_drop_caption
-        return {"image": pixels, "caption": "" if dropped else caption(request)}
+        item = {"image": pixels, "caption": "" if dropped else caption(request)}
+        if self.masks:
+            item["object_masks"] = torch.zeros(2, self.size, self.size)
+            for k, m in enumerate(masks):
+                item["object_masks"][k] = torch.from_numpy(m.astype(np.float32) / 255.0)
+        return item

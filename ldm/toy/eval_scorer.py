@@ -19,10 +19,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ldm.errors import UserError
 from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
 from ldm.toy.train_scorer import degrade, render_set
 from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, POSITIONS, SHAPES, Scene, sample_object, sample_positions,
                            sample_scene)
+from ldm.util import REPO_ROOT
 
 COLUMNS = REQUESTED + ("plain_look", "count", "all_correct")
 EVAL_OFFSET = 1_000_003  # eval seeds are [EVAL_OFFSET + seed, set, i]; training uses [seed, i]
@@ -119,12 +121,12 @@ def format_tables(rows, rejections) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scorer", default="ckpt/toy/scorer.safetensors", help="scorer weights (default: %(default)s)")
+    parser.add_argument("--scorer", default=str(REPO_ROOT / "ckpt/toy/scorer.safetensors"), help="scorer weights (default: %(default)s)")
     parser.add_argument("--n", type=int, default=1000, help="scenes per set (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.n < 10:
-        raise ValueError(f"--n must be at least 10 scenes, got {args.n}")
+        raise UserError(f"--n must be at least 10 scenes, got {args.n}")
     start = time.time()
     scorer = Scorer.load(args.scorer)
     rows, rejections = evaluate(scorer, args.n, args.seed)

@@ -12,17 +12,16 @@ mask than outside it (`localization`; the noun should be well above 1).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ldm.errors import UserError
 from ldm.toy.scorer import Scorer, attribute_accuracy
 from ldm.toy.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, SceneObject, caption, held_out_scenes, render
+from ldm.util import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def prompt_accuracy(model, scorer: Scorer, scenes: Sequence[Scene], steps: int = 30, scale: float = 4.0,
@@ -46,7 +45,7 @@ def attention_shares(model, prompt: str, t: int = 500, seed: int = 0) -> list[tu
     ids = encoder.tokenizer.encode(prompt)
     n = len(ids) + 2   # start and end tokens
     if n > encoder.max_length:
-        raise ValueError(f"prompt {prompt!r} is {n} tokens with start and end; this text encoder reads {encoder.max_length}")
+        raise UserError(f"prompt {prompt!r} is {n} tokens with start and end; this text encoder reads {encoder.max_length}")
     mean = torch.stack([p.mean(dim=(0, 1)) for p in model.cross_attention_probs(prompt, t, seed)]).mean(0).tolist()
     words = ["<start>"] + [encoder.tokenizer.decode_token(i).replace("</w>", "") for i in ids] + ["<end>"]
     return list(zip(words, mean[:n])) + [("<padding>", sum(mean[n:]))]
@@ -142,7 +141,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     from ldm.cli import run_cli
 
     run_cli(main)

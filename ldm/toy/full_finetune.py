@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from ldm.util import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 LDM_CONFIG = ROOT / "configs/toy/ldm.yaml"
 LDM_CKPT = ROOT / "ckpt/toy/toy-ldm.safetensors"
 STEPS, LEARNING_RATE, BATCH_SIZE = 600, 3.0e-4, 4

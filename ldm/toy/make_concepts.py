@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ldm.data.images import list_images
+from ldm.errors import UserError
 from ldm.toy.world import BACKGROUNDS, CONCEPTS, POSITIONS, Scene, SceneObject, WORLD_GEOMETRY, caption, render
-from ldm.util import atomic_path
+from ldm.util import REPO_ROOT, atomic_path
 
 FORMAT, VERSION = "toy-concepts", 1
 
@@ -30,9 +31,9 @@ def concept_scenes(name: str, count: int = 5, seed: int = 0) -> list[Scene]:
     """`count` single-object scenes of concept `name`: every position and background in turn,
     the concept's size and offset jittered as in the pretraining world."""
     if name not in CONCEPTS:
-        raise ValueError(f"unknown concept {name!r}; expected one of {', '.join(CONCEPTS)}")
+        raise UserError(f"unknown concept {name!r}; expected one of {', '.join(CONCEPTS)}")
     if not 1 <= count <= 20:
-        raise ValueError(f"count must be between 1 and 20 images, got {count!r}")
+        raise UserError(f"count must be between 1 and 20 images, got {count!r}")
     index = list(CONCEPTS).index(name)
     rng = np.random.default_rng([seed, index])
     positions, scenes = tuple(POSITIONS), []
@@ -59,7 +60,7 @@ def write_concepts(out: str | Path, count: int = 5, seed: int = 0, size: int = 3
         if folder.is_dir():
             stale = [p.name for p in list_images(folder) if p.name not in names]
             if stale:
-                raise ValueError(f"{folder}: holds images this generator did not write ({', '.join(stale[:3])}); "
+                raise UserError(f"{folder}: holds images this generator did not write ({', '.join(stale[:3])}); "
                                  f"remove them or pick another --out")
         images = []
         for file, scene in zip(names, concept_scenes(name, count, seed)):
@@ -100,7 +101,7 @@ def _preview(rows: list[tuple[Image.Image, np.ndarray]], count: int, size: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data/toy/concepts", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "data/toy/concepts"), help="output folder (default: %(default)s)")
     parser.add_argument("--images", type=int, default=5, help="images per concept (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sizes and offsets (default: %(default)s)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: %(default)s)")

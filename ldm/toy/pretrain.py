@@ -4,11 +4,16 @@
 
 1. the KL autoencoder (configs/toy/autoencoder.yaml) -> <logdir>/toy-autoencoder.safetensors
 2. the text-to-image LatentDiffusion with its CLIP-architecture text encoder trained from
-   scratch (configs/toy/ldm.yaml) -> <out>/toy-ldm.safetensors (CompVis names, float16)
-3. the text encoder's covariance over 20k fresh toy captions (data/estimate_covariance.py)
+   scratch (configs/toy/ldm.yaml) -> <logdir>/toy-ldm-joint.safetensors
+3. its U-Net fine-tuned with the text encoder frozen and the attention of each object's words
+   localized on the object (configs/toy/ldm.yaml + localize.yaml) -> <logdir>/toy-ldm-localized.safetensors
+4. the autoencoder's decoder fine-tuned with its encoder frozen, so the latent space stays as it
+   is (configs/toy/decoder.yaml) -> <logdir>/toy-decoder.safetensors
+5. stage 3's model with stage 4's decoder -> <out>/toy-ldm.safetensors (CompVis names, float16),
+   and the text encoder's covariance over 20k fresh toy captions (data/estimate_covariance.py)
    -> <out>/covariance.safetensors
 
-Extra `key=value` arguments are passed to both training runs (e.g. lightning.trainer.max_steps=10
+Extra `key=value` arguments are passed to every training run (e.g. lightning.trainer.max_steps=10
 for a smoke test). Runs go to --logdir as usual (TensorBoard shows them). `--resume` continues an
 interrupted pretraining in the same --logdir: a finished stage is skipped, an unfinished one goes on
 from its run's checkpoints/last.ckpt (saved every 1000 steps).
@@ -16,22 +21,21 @@ from its run's checkpoints/last.ckpt (saved every 1000 steps).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from ldm.util import atomic_path
-
-ROOT = Path(__file__).resolve().parents[2]
+from ldm.util import REPO_ROOT as ROOT, atomic_path
 
 
-def save_weights(module: torch.nn.Module, path: Path, dtype=torch.float16) -> Path:
-    """A module's state dict as safetensors; floating tensors stored as `dtype` (loading casts back)."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in module.state_dict().items()}
+
+def save_weights(module: torch.nn.Module | dict, path: Path, dtype=torch.float16) -> Path:
+    """A module's state dict (or a state dict) as safetensors; floating tensors stored as `dtype`
+    (loading casts back)."""
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "toy-ldm"})
     return path
@@ -55,44 +59,66 @@ def normalize_latent_scale(vae, images: torch.Tensor) -> float:
     return s
 
 
-def _train(config: Path, name: str, logdir: str, overrides: list[str], resume: bool):
-    import main
+def _train(configs: list[Path], name: str, logdir: str, overrides: list[str], resume: bool):
+    from ldm import train
 
     runs = sorted(p for p in Path(logdir).glob(f"*_{name}") if (p / "checkpoints/last.ckpt").is_file())
     if resume and runs:
         print(f"resuming {name} from {runs[-1]}")
-        trainer = main.run(["--resume", str(runs[-1]), "-t", *overrides])
+        trainer = train.run(["--resume", str(runs[-1]), "-t", *overrides])
     else:
-        trainer = main.run(["--base", str(config), "-t", "--name", name, "--logdir", logdir, *overrides])
+        trainer = train.run(["--base", *map(str, configs), "-t", "--name", name, "--logdir", logdir, *overrides])
     return trainer.lightning_module
+
+
+def _stage(path: Path, resume: bool, train) -> Path:
+    """Run `train() -> module` and save its weights to `path`, unless resuming and `path` exists."""
+    if not (resume and path.is_file()):
+        save_weights(train(), path, dtype=torch.float32)
+    return path
 
 
 def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume: bool = False) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
+    logs, configs = Path(logdir), ROOT / "configs/toy"
     times = {}
-    t0 = time.perf_counter()
-    vae_path = Path(logdir) / "toy-autoencoder.safetensors"
-    if not (resume and vae_path.is_file()):
-        vae = _train(ROOT / "configs/toy/autoencoder.yaml", "toy-autoencoder", logdir, overrides, resume)
+
+    def autoencoder():
+        vae = _train([configs / "autoencoder.yaml"], "toy-autoencoder", logdir, overrides, resume)
         from ldm.toy.dataset import ToyCaptionDataset
 
         sample = ToyCaptionDataset(512, seed=4)
         scale = normalize_latent_scale(vae, torch.stack([sample[i]["image"] for i in range(512)]))
         print(f"latent scale folded into the autoencoder: x{scale:.4f}")
-        save_weights(vae, vae_path, dtype=torch.float32)
+        return vae
+
+    t0 = time.perf_counter()
+    vae_path = _stage(logs / "toy-autoencoder.safetensors", resume, autoencoder)
     times["autoencoder"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ldm_path, done = out / "toy-ldm.safetensors", Path(logdir) / "toy-ldm.done"
-    if not (resume and done.is_file() and ldm_path.is_file()):
-        ldm = _train(ROOT / "configs/toy/ldm.yaml", "toy-ldm", logdir,
-                     [f"model.params.first_stage_ckpt={vae_path}", *overrides], resume)
-        save_weights(ldm, ldm_path)
-        done.write_text(f"{ldm_path}\n")
+    joint = _stage(logs / "toy-ldm-joint.safetensors", resume, lambda: _train(
+        [configs / "ldm.yaml"], "toy-ldm", logdir, [f"model.params.first_stage_ckpt={vae_path}", *overrides], resume))
     times["ldm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    from data.estimate_covariance import main as estimate
+    localized = _stage(logs / "toy-ldm-localized.safetensors", resume, lambda: _train(
+        [configs / "ldm.yaml", configs / "localize.yaml"], "toy-ldm-localized", logdir,
+        [f"model.ckpt={joint}", *overrides], resume))
+    times["localization"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decoder = _stage(logs / "toy-decoder.safetensors", resume, lambda: _train(
+        [configs / "decoder.yaml"], "toy-decoder", logdir, [f"model.ckpt={vae_path}", *overrides], resume))
+    times["decoder"] = time.perf_counter() - t0
+
+    ldm_path = out / "toy-ldm.safetensors"
+    state = load_file(str(localized))
+    state.update({f"first_stage_model.{k}": v for k, v in load_file(str(decoder)).items()})
+    save_weights(state, ldm_path)
+
+    t0 = time.perf_counter()
+    from ldm.estimate_covariance import main as estimate
     from ldm.toy.dataset import ToyCaptionDataset
 
     # The toy text encoder only knows the toy grammar, so C comes from toy captions (unseen seed).
@@ -109,11 +135,11 @@ def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="ckpt/toy", help="where the weights go")
-    p.add_argument("--logdir", default="logs", help="where the training runs go")
+    p.add_argument("--out", default=str(ROOT / "ckpt/toy"), help="where the weights go")
+    p.add_argument("--logdir", default=str(ROOT / "logs"), help="where the training runs go")
     p.add_argument("--covariance_captions", type=int, default=20000)
     p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining in --logdir")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for both training runs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     times = pretrain(Path(args.out), args.logdir, args.overrides, args.covariance_captions, args.resume)
     total = sum(times.values())
@@ -122,7 +148,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     from ldm.cli import run_cli
 
     run_cli(main)

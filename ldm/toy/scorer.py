@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ldm.errors import MissingFileError, UserError
 from ldm.toy.world import BACKGROUNDS, COLOURS, LOOKS, POSITIONS, SHAPES, Scene, vocabulary
 from ldm.util import atomic_path
 
@@ -92,19 +93,19 @@ class Scorer:
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Scorer":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no scorer weights; train them with "
+            raise MissingFileError(f"{path}: no scorer weights; train them with "
                                     f"`python -m ldm.toy.train_scorer --out {path}`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+            raise UserError(f"{path}: not a readable safetensors file ({err})") from err
         if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
-            raise ValueError(f"{path}: not a toy scorer file (format {meta.get('format')!r}, "
+            raise UserError(f"{path}: not a toy scorer file (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r}; expected {FORMAT!r}, {VERSION})")
         if json.loads(meta.get("vocabulary", "null")) != vocabulary():
-            raise ValueError(f"{path}: trained for another version of the toy world (its shapes, colours, looks "
+            raise UserError(f"{path}: trained for another version of the toy world (its shapes, colours, looks "
                              f"or backgrounds differ); retrain with `python -m ldm.toy.train_scorer --out {path}`")
         config = json.loads(meta.get("config", "{}"))
         net = ScorerNet(**config)
@@ -112,7 +113,7 @@ class Scorer:
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
             message = " ".join(str(err).split())[:300]
-            raise ValueError(f"{path}: weights do not fit ScorerNet({config}): {message}") from err
+            raise UserError(f"{path}: weights do not fit ScorerNet({config}): {message}") from err
         return cls(net, device)
 
     @staticmethod

@@ -9,13 +9,14 @@ shipped polka-dot square, or the striped star if that is the one given) and beta
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
+from ldm.errors import UserError
+from ldm.util import REPO_ROOT as ROOT
+
 CONTEXTS = (
     ("a {} at the top and a green circle on the left", "top, green circle"),
     ("a {} on the right, on a checkered background", "right, checkered"),
@@ -66,15 +67,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/toy-showcase")
+    p.add_argument("--out", default=str(ROOT / "outputs/toy-showcase"))
     args = p.parse_args(argv)
     try:
         betas = [float(b) for b in args.betas.split(",")]
     except ValueError:
-        raise ValueError(f"--betas {args.betas!r} is not a comma-separated list of numbers (e.g. 0.5,0.7)")
+        raise UserError(f"--betas {args.betas!r} is not a comma-separated list of numbers (e.g. 0.5,0.7)")
     for flag in ("seeds", "steps"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be a positive whole number, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be a positive whole number, got {getattr(args, flag)}")
     concept = Path(args.concept)
     second = Path(args.second) if args.second else SHIPPED / "polka_dot_square.safetensors"
     if second.resolve() == concept.resolve():
@@ -104,7 +105,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     from ldm.cli import run_cli
 
     run_cli(main)

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import UserError
 from ldm.toy.scorer import SLOTS, Scorer, ScorerNet
 from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, LOOKS, SHAPES, Geometry, Scene, render,
                            sample_object, sample_positions, sample_textured)
+from ldm.util import REPO_ROOT
 
 SCORER_GEOMETRY = Geometry(size=(0.3, 0.45), jitter=0.065)
 IGNORE = -100  # label of an absent object's attributes, and of a concept's colour
@@ -139,14 +141,14 @@ def train(samples: int = 24000, epochs: int = 5, batch_size: int = 128, lr: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="ckpt/toy/scorer.safetensors", help="output file (default: %(default)s)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "ckpt/toy/scorer.safetensors"), help="output file (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=24000, help="training renders (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="passes over them (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of scenes, augmentation and weights (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.samples < 100 or args.epochs < 1:
-        raise ValueError(f"need at least 100 samples and 1 epoch, got {args.samples} and {args.epochs}")
+        raise UserError(f"need at least 100 samples and 1 epoch, got {args.samples} and {args.epochs}")
     net, info = train(args.samples, args.epochs, seed=args.seed)
     Scorer.save(net, args.out, info)
     size = Path(args.out).stat().st_size

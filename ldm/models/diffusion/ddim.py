@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ldm.errors import UserError
 from ldm.models.diffusion.guidance import GuidedDenoiser, initial_noise
 
 
 def ddim_timesteps(num_train_steps: int, steps: int) -> torch.Tensor:
     """Uniformly spaced training timesteps, the LDM 'uniform' rule (1, 1 + c, 1 + 2c, ...)."""
     if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"steps must be in [1, {num_train_steps}], got {steps}")
+        raise UserError(f"steps must be in [1, {num_train_steps}], got {steps}")
     return torch.arange(0, num_train_steps, num_train_steps // steps)[:steps] + 1
 
 

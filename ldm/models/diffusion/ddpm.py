@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoint import load_into
+from ldm.errors import UserError
 from ldm.util import instantiate_from_config
 
 
@@ -56,7 +57,7 @@ class LatentDiffusion(pl.LightningModule):
     ):
         super().__init__()
         if parameterization not in ("eps", "v"):
-            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+            raise UserError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
         self.parameterization = parameterization
         self.scale_factor = scale_factor
         self.image_size = image_size
@@ -66,7 +67,7 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = learning_rate
         self.num_timesteps = timesteps
         if not 0.0 <= mask_floor <= 1.0:
-            raise ValueError(f"mask_floor must be in [0, 1], got {mask_floor}")
+            raise UserError(f"mask_floor must be in [0, 1], got {mask_floor}")
         self.mask_floor = mask_floor
 
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))

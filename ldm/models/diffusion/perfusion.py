@@ -18,9 +18,11 @@ locking it; "embedding" learns only the word embedding with the edit off (textua
 """
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,9 +32,23 @@ from torch import nn
 from ldm.concepts import METHODS, Concept, ConceptError, save_concept
 from ldm.covariance import load_covariance
 from ldm.data.templates import fill
+from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.perfusion import GATE_AT, ConceptBank, patch_cross_attention
+from ldm.modules.perfusion import GATE_AT, ConceptBank, ConceptState, patch_cross_attention
 from ldm.util import fingerprint_tensors, repo_path
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss became NaN or infinite (a learning rate too high, a bad setting): training stops."""
+
+
+def _number(name: str, value, positive: bool = False) -> float:
+    """A finite number from model.params, or a one-line error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        kind = "a finite number > 0" if positive else "a finite number"
+        raise UserError(f"model.params.{name} must be {kind}, got {value!r}")
+    return float(value)
 
 
 class PerfusionLatentDiffusion(LatentDiffusion):
@@ -59,24 +75,30 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     ):
         super().__init__(*args, **kwargs)
         if method not in METHODS:
-            raise ValueError(f"model.params.method must be one of {', '.join(METHODS)}, got {method!r}")
+            raise UserError(f"model.params.method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
         if gate_at not in GATE_AT:
-            raise ValueError(f"model.params.gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
+            raise UserError(f"model.params.gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
         self.gate_at, self.log_gates_every_n_steps = gate_at, int(log_gates_every_n_steps)
         tokenizer = self.cond_stage_model.tokenizer
         self.placeholder, self.superclass = placeholder, superclass
         self.placeholder_id = single_token_id(tokenizer, placeholder)
         self.superclass_ids = superclass_token_ids(tokenizer, superclass)
         if self.placeholder_id in self.superclass_ids:
-            raise ValueError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
+            raise UserError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
         self.covariance_path, self.covariance_captions = covariance_path, repo_path(covariance_captions)
         self.covariance_max_captions = covariance_max_captions
-        self.beta, self.tau = beta, tau
-        self.lr_o_v, self.lr_embedding = lr_o_v, lr_embedding
-        self.ema_decay = ema_decay
+        self.beta, self.tau = _number("beta", beta), _number("tau", tau, positive=True)
+        self.lr_o_v, self.lr_embedding = _number("lr_o_v", lr_o_v, positive=True), _number("lr_embedding", lr_embedding, positive=True)
+        self.ema_decay = _number("ema_decay", ema_decay)
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"model.params.ema_decay must be in [0, 1), got {ema_decay!r}")
+        if isinstance(validation_prompts, str) or not all(isinstance(p, str) for p in validation_prompts):
+            raise UserError(f"model.params.validation_prompts must be a list of prompts (text), got {validation_prompts!r}")
         self.validation_prompts = [fill(p, placeholder) for p in validation_prompts]
-        self.log_sample_steps, self.log_guidance_scale = log_sample_steps, log_guidance_scale
+        if isinstance(log_sample_steps, bool) or not isinstance(log_sample_steps, int) or log_sample_steps < 1:
+            raise UserError(f"model.params.log_sample_steps must be a whole number >= 1, got {log_sample_steps!r}")
+        self.log_sample_steps, self.log_guidance_scale = log_sample_steps, _number("log_guidance_scale", log_guidance_scale)
 
         self.model.requires_grad_(False)   # Perfusion trains only the embedding and o*_V
         # The embedding starts at the superclass word's (first batch, after the base weights are loaded).
@@ -92,10 +114,13 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.bank = ConceptBank(pairs, C_inv=None)
         self.covariance_fingerprint: str | None = None
-        self.placeholder_rows: dict[int, torch.Tensor] = {}   # token id -> embedding used at that id
-        self.superclass_words: dict[str, str] = {placeholder: superclass}  # for global key-locking
 
     # ----------------------------------------------------------------- bookkeeping
+    @property
+    def placeholder_rows(self) -> Mapping[int, torch.Tensor]:
+        """Placeholder token id -> embedding of the active concepts (the bank's state owns them)."""
+        return self.bank.state.rows
+
     def non_base_keys(self) -> list[str]:
         """Keys a base SD checkpoint does not carry (checkpoint loading must not report them)."""
         return [k for k in self.state_dict() if k in ("embedding", "i_star", "i_super", "initialized")
@@ -113,20 +138,22 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         """Load C^-1 (checking it belongs to this text encoder), or estimate it if no file is configured."""
         if self.bank.C_inv is not None:
             return
-        from ldm.covariance import estimate_covariance, invert
+        from ldm.covariance import estimate_covariance, estimate_fingerprint, invert
 
         encoder_fp = self.cond_stage_model.fingerprint()
         if self.covariance_path:
             C, C_inv, meta = load_covariance(self.covariance_path)
             made_for = meta.get("text_encoder_fingerprint")
             if made_for != encoder_fp:
-                raise ValueError(f"covariance file {self.covariance_path} was made for text encoder {made_for}, "
+                raise UserError(f"covariance file {self.covariance_path} was made for text encoder {made_for}, "
                                  f"but this model's text encoder is {encoder_fp}; "
                                  "run data/estimate_covariance.py with this config and checkpoint")
+            self.covariance_fingerprint = fingerprint_tensors({"C": C})
         else:
             C = estimate_covariance(self.cond_stage_model, self.covariance_captions, self.covariance_max_captions)
             C_inv = invert(C)
-        self.covariance_fingerprint = fingerprint_tensors({"C": C})
+            self.covariance_fingerprint = estimate_fingerprint(encoder_fp, self.covariance_captions,
+                                                               self.covariance_max_captions)
         wide = torch.float32 if self.device.type == "mps" else torch.float64
         self.bank.C_inv = C_inv.to(self.device, wide)
 
@@ -137,6 +164,11 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         aligned token by token, follow along the token axis)."""
         encoder = self.cond_stage_model
         if not self.placeholder_rows:
+            for word in self.bank.state.unloaded:   # a prompt made for concepts that are gone
+                named = [p for p in prompts if word_pattern(word).search(p)]
+                if named:
+                    raise UserError(f"prompt {named[0]!r} names {word!r}, a concept that was unloaded; "
+                                    "load the concepts again")
             return super().get_learned_conditioning(prompts)
         tokens = encoder.tokenize(list(prompts))
         encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, self.placeholder_rows))
@@ -166,8 +198,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         (words it lost to the length limit face its end token)."""
         tokenizer = self.cond_stage_model.tokenizer
         shift = torch.zeros_like(tokens)
-        for token_id, placeholder in zip(self.placeholder_rows, self.superclass_words):
-            shift += (tokens == token_id) * (len(tokenizer.encode(self.superclass_words[placeholder])) - 1)
+        for token_id, (_, word) in self.bank.state.words.items():
+            shift += (tokens == token_id) * (len(tokenizer.encode(word)) - 1)
         steps = torch.arange(tokens.shape[1], device=tokens.device)
         return (steps + shift.cumsum(1)).clamp(max=tokens.shape[1] - 1)
 
@@ -184,7 +216,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
 
     def superclass_prompt(self, prompt: str) -> str:
         """The prompt with each concept's placeholder replaced by its superclass word (global key-locking)."""
-        for placeholder, word in self.superclass_words.items():
+        for placeholder, word in self.bank.state.words.values():
             prompt = word_pattern(placeholder).sub(lambda _: word, prompt)
         return prompt
 
@@ -200,7 +232,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         hit = (windows == torch.tensor(ids, device=tokens.device)).all(-1)
         missing = [p for p, h in zip(prompts, hit.any(1).tolist()) if not h]
         if missing:
-            raise ValueError(f"{what} {self.cond_stage_model.tokenizer.decode(list(ids))!r} not found in prompt {missing[0]!r} "
+            raise UserError(f"{what} {self.cond_stage_model.tokenizer.decode(list(ids))!r} not found in prompt {missing[0]!r} "
                              "(every training template must contain '{}')")
         return hit.int().argmax(1) + n - 1
 
@@ -241,14 +273,18 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             self.i_star.mul_(d).add_((1 - d) * e_star)
             self.i_super.mul_(d).add_((1 - d) * e_super)
 
-    def activate_training_concept(self, beta=None, tau=None):
-        if self.method == "embedding":
-            self.bank.clear()   # textual inversion: the projections stay the base model's
-            return
+    def training_state(self, beta=None, tau=None) -> ConceptState:
+        """The concept being trained, as the bank applies it (its row, words, targets and gate rule)."""
+        rows, words = {self.placeholder_id: self.embedding}, {self.placeholder_id: (self.placeholder, self.superclass)}
+        if self.method == "embedding":   # textual inversion: the projections stay the base model's
+            return ConceptState(rows=rows, words=words)
         o_key = [k[None] for k in self.o_star_k] if self.method == "trained_keys" else None
-        self.bank.set(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
-                      self.beta if beta is None else beta, self.tau if tau is None else tau, o_key=o_key)
-        self.bank.gate_at = self.gate_at
+        targets = self.bank.targets(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
+                                    self.beta if beta is None else beta, self.tau if tau is None else tau, o_key=o_key)
+        return ConceptState(rows=rows, words=words, gate_at=self.gate_at, **targets)
+
+    def activate_training_concept(self, beta=None, tau=None):
+        self.bank.state = self.training_state(beta, tau)
 
     def shared_step(self, batch):
         self.ensure_covariance()
@@ -264,7 +300,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
+            raise DivergedError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
                                      "concept is updated (try a lower learning rate or fp32 precision)")
         return loss
 
@@ -329,16 +365,11 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if not bool(self.initialized):
             return out
         self.ensure_covariance()
-        self.activate_training_concept()
-        rows = {self.placeholder_id: self.embedding}
-        self.placeholder_rows = rows
-        try:
+        with self.bank.use(self.training_state()):
             side = self.image_size * self.first_stage_model.downsample_factor
             out["samples"] = generate(self, self.validation_prompts, steps=self.log_sample_steps,
                                       scale=self.log_guidance_scale, height=side, width=side, seed=0)
             out["concept_attention"] = self.attention_picture(self.validation_prompts[0], side)
-        finally:
-            self.placeholder_rows = {}
         return out
 
     @torch.no_grad()
@@ -371,7 +402,7 @@ def word_pattern(word: str) -> re.Pattern:
 def single_token_id(tokenizer, placeholder: str) -> int:
     ids = tokenizer.encode(placeholder)
     if len(ids) != 1:
-        raise ValueError(f"placeholder {placeholder!r} is {len(ids)} CLIP tokens; it must be exactly one "
+        raise UserError(f"placeholder {placeholder!r} is {len(ids)} CLIP tokens; it must be exactly one "
                          "(for example '*' or 'sks')")
     return ids[0]
 
@@ -380,9 +411,9 @@ def superclass_token_ids(tokenizer, word: str) -> list[int]:
     """Token ids of the superclass; every token must be a whole word the vocabulary knows."""
     ids = tokenizer.encode(word)
     if not ids:
-        raise ValueError(f"superclass {word!r} is empty")
+        raise UserError(f"superclass {word!r} is empty")
     pieces = [tokenizer.decode_token(i) for i in ids]
     if not all(p.endswith("</w>") for p in pieces):
-        raise ValueError(f"superclass {word!r} is not a known word: CLIP splits it into pieces "
+        raise UserError(f"superclass {word!r} is not a known word: CLIP splits it into pieces "
                          f"{[p.replace('</w>', '') for p in pieces]}; use a common noun such as 'teddy' or 'cat'")
     return ids

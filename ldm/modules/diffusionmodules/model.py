@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import UserError
+
 NUM_GROUPS = 32  # GroupNorm groups used by every normalisation layer of the original model
 
 
 def _check_group_norm_channels(ch: int, ch_mult: Sequence[int]) -> None:
     bad = [ch * m for m in ch_mult if (ch * m) % NUM_GROUPS]
     if ch % NUM_GROUPS or bad:
-        raise ValueError(
+        raise UserError(
             f"autoencoder channel counts must be multiples of {NUM_GROUPS} (GroupNorm groups); "
             f"got ch={ch}, ch_mult={list(ch_mult)}"
         )

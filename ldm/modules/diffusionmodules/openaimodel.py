@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import UserError
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 
@@ -87,12 +88,12 @@ class UNetModel(nn.Module):
                  upcast_attention: bool = False):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
-            raise ValueError(f"set exactly one of num_heads ({num_heads}) and num_head_channels "
+            raise UserError(f"set exactly one of num_heads ({num_heads}) and num_head_channels "
                              f"({num_head_channels}); the other must be -1")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = {int(r) for r in attention_resolutions}
         if not channel_mult or num_res_blocks < 1:
-            raise ValueError(f"channel_mult must be non-empty and num_res_blocks >= 1, got "
+            raise UserError(f"channel_mult must be non-empty and num_res_blocks >= 1, got "
                              f"{channel_mult} and {num_res_blocks}")
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -153,7 +154,7 @@ class UNetModel(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """Predict from noisy latents x (B, in_channels, H, W) at `timesteps` (B,) given context (B, N, context_dim)."""
         if timesteps is None or context is None:
-            raise ValueError("UNetModel.forward needs both timesteps and context")
+            raise UserError("UNetModel.forward needs both timesteps and context")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         factor = 2 ** (self.num_levels - 1)
