@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from ldm.build import build_model, load_config
 from ldm.checkpoint import CheckpointError, check_compatible, load_model, normalize_keys, read_state_dict
 from ldm.util import instantiate_from_config
-from tests.conftest import ROOT, TINY_V1, TINY_V2
+from tests.conftest import ROOT, TINY_V1
 
 
 def _output(model, seed=0):

@@ -6,7 +6,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler, ddim_timesteps
 from ldm.models.diffusion.euler import EulerSampler, karras_sigmas
-from ldm.models.diffusion.guidance import GuidedDenoiser, make_generator
+from ldm.models.diffusion.guidance import GuidedDenoiser
 from ldm.sample import generate
 
 
