@@ -31,9 +31,7 @@ def load_config(paths: Sequence[str | Path], overrides: Iterable[str] = ()) -> D
         raise ConfigError("no config given (pass at least one YAML file)")
     configs = [_load_overlay(Path(path)) for path in paths]
     overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lightning.trainer.max_steps=2)")
+    _check_overrides(overrides, OmegaConf.merge(*configs))
     try:
         merged = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as err:
@@ -41,6 +39,20 @@ def load_config(paths: Sequence[str | Path], overrides: Iterable[str] = ()) -> D
     if "model" not in merged:
         raise ConfigError(f"{paths[-1]}: config has no 'model' section")
     return merged
+
+
+def _check_overrides(overrides: Sequence[str], base: DictConfig) -> None:
+    """Refuse overrides that set nothing: not key=value, a section other than model/data/lightning,
+    or an empty value for a key the configs do not have (a typo would otherwise pass silently)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lightning.trainer.max_steps=2)")
+        key, _, value = item.partition("=")
+        section = key.split(".")[0]
+        if section not in ("model", "data", "lightning"):
+            raise ConfigError(f"override {item!r}: {section!r} is not a config section (model, data, lightning)")
+        if value.strip() == "" and OmegaConf.select(base, key, default="<missing>") == "<missing>":
+            raise ConfigError(f"override {item!r}: {key} is not in the config and the value is empty")
 
 
 def _load_overlay(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:

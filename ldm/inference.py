@@ -163,7 +163,8 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     bank = model.bank
     state = dict(rows={i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)},
                  words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact)
-    if methods != {"embedding"}:   # textual inversion: only the placeholder rows change
+    edited = methods != {"embedding"}   # textual inversion: only the placeholder rows change
+    if edited:
         i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
         i_super = torch.stack([c.i_super for c in loaded]).to(device, torch.float32)
         o_value = [torch.stack([c.o_star_v[layer] for c in loaded]).to(device, torch.float32)
@@ -177,7 +178,6 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         state.update(bank.targets(i_star, i_super, o_value, betas, taus, o_key=o_key),
                      global_locking=global_locking, gate_at=gate_at)
     bank.state = ConceptState(**state)   # one assignment: what was loaded before is replaced whole
-    edited = methods != {"embedding"}
     return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking and edited, exact,
                           gate_at if edited else "all", bank.state)
 

@@ -124,33 +124,22 @@ def check_resume_overrides(saved, config) -> None:
                               "(start a new run instead)")
 
 
-def check_overrides(overrides: Sequence[str], bases) -> None:
-    """Refuse overrides that set nothing: a section other than model/data/lightning, or an empty value for
-    a key the configs do not have (a typo would otherwise pass silently)."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section = key.split(".")[0]
-        if section not in ("model", "data", "lightning"):
-            raise ConfigError(f"override {item!r}: {section!r} is not a config section (model, data, lightning)")
-        if value.strip() == "" and OmegaConf.select(bases, key, default="<missing>") == "<missing>":
-            raise ConfigError(f"override {item!r}: {key} is not in the config and the value is empty")
-
-
 def new_run_dir(logdir: str, name: str, now: str, create: bool) -> Path:
     """`<logdir>/<now>_<name>`, with `_1`, `_2`, ... when taken. With `create` the folder is made here,
     exclusively: two runs started in the same second never share one."""
     base = Path(logdir) / f"{now}_{name}"
+    if create:
+        base.parent.mkdir(parents=True, exist_ok=True)
     run_dir, n = base, 1
     while True:
-        if not create and not run_dir.exists():
-            return run_dir
-        if create:
-            Path(logdir).mkdir(parents=True, exist_ok=True)
-            try:
-                run_dir.mkdir()
+        try:
+            if create:
+                run_dir.mkdir()   # exclusive: fails if another run made it first
                 return run_dir
-            except FileExistsError:
-                pass
+            if not run_dir.exists():
+                return run_dir
+        except FileExistsError:
+            pass
         run_dir, n = Path(f"{base}_{n}"), n + 1
 
 
@@ -281,12 +270,10 @@ def run(argv: list[str] | None = None, extra_callbacks: Sequence = ()):
         run_dir, ckpt_path, saved = resolve_resume(args.resume)
         config = load_config(saved + list(args.base), args.overrides)
         check_resume_overrides(load_config(saved), config)
-        check_overrides(args.overrides, load_config(saved + list(args.base)))
     else:
         if not args.base:
             raise ConfigError("no config given: pass --base CONFIG.yaml [...] or --resume RUN_DIR")
         config = load_config(args.base, args.overrides)
-        check_overrides(args.overrides, load_config(args.base))
         name = args.name or Path(args.base[-1]).stem
         run_dir = None
 

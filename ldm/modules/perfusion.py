@@ -73,12 +73,12 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     tokens), and "concept" edits only the placeholder's own tokens (W e elsewhere).
     """
     if i_star.dim() != 2 or o_star.dim() != 2 or i_star.shape[0] != o_star.shape[0]:
-        raise UserError(f"i_star (N, d_in) and o_star (N, d_out) must list the same concepts, "
+        raise ValueError(f"i_star (N, d_in) and o_star (N, d_out) must list the same concepts, "
                          f"got {tuple(i_star.shape)} and {tuple(o_star.shape)}")
     if gate_at not in GATE_AT:
         raise UserError(f"gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
     if gate_at != "all" and positions is None:
-        raise UserError(f"gate_at={gate_at!r} needs the placeholder positions")
+        raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
     n = i_star.shape[0]
     sim, gate = concept_gates(e, i_star, C_inv, beta, tau)
     dtype = sim.dtype
@@ -115,9 +115,9 @@ class Rank1EditLinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, role: str, index: int):
         if base.bias is not None:
-            raise UserError("Perfusion edits bias-free projections (SD's to_k/to_v have no bias)")
+            raise ValueError("Perfusion edits bias-free projections (SD's to_k/to_v have no bias)")
         if role not in ("key", "value"):
-            raise UserError(f"role must be 'key' or 'value', got {role!r}")
+            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -189,7 +189,7 @@ class ConceptBank:
     tensor it saw: the encodings of a prompt do not change across denoising steps, so the
     edited keys and values are computed once per prompt. The samplers pass the same context
     tensor at every step; `cache = False` recomputes every call (same results, slower).
-    A new state (`state = ...`, `set`, `set_gates`, `clear`, `use`) empties the cache.
+    A new state (`state = ...`, `set_gates`, `clear`, `use`) empties the cache.
     """
 
     def __init__(self, pairs: Sequence[tuple[Rank1EditLinear, Rank1EditLinear]], C_inv: torch.Tensor,
@@ -253,11 +253,6 @@ class ConceptBank:
         o_key = superclass_keys(self.keys, i_super) if o_key is None else o_key
         return dict(i_star=i_star, o_key=tuple(o_key), o_value=tuple(o_value), beta=beta, tau=tau)
 
-    def set(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
-            o_key: Sequence[torch.Tensor] | None = None, **settings):
-        """Activate N concepts (see `targets`); `settings` change other state fields (e.g. gate_at)."""
-        self.state = replace(self.state, **self.targets(i_star, i_super, o_value, beta, tau, o_key), **settings)
-
     def set_gates(self, beta, tau):
         """New inference-time beta/tau (float or one per active concept) for the same concepts."""
         if not self.active:
@@ -284,9 +279,9 @@ class ConceptBank:
         """The context for the edited layers: e (B, T, d); with global locking the superclass prompt's
         encodings e_super (B, T, d), aligned to e token by token; positions (B, T, N) bool if needed."""
         if self.global_locking != (e_super is not None):
-            raise UserError("global key-locking needs the superclass prompt's encodings, and only then")
+            raise ValueError("global key-locking needs the superclass prompt's encodings, and only then")
         if self.needs_positions != (positions is not None):
-            raise UserError(f"gate_at={self.gate_at!r}: placeholder positions are "
+            raise ValueError(f"gate_at={self.gate_at!r}: placeholder positions are "
                              f"{'needed' if self.needs_positions else 'not used'}")
         context = e if e_super is None else torch.cat([e, e_super], dim=1)
         if positions is not None:
