@@ -95,6 +95,29 @@ def build_model(config: DictConfig, ckpt: str | Path | None = None, use_ema: boo
     return model.to(device).eval()
 
 
+def build_perfusion(config_path: str | Path, ckpt: str | Path | None = None, use_ema: bool = False,
+                    device: str = "cpu"):
+    """The Perfusion model of a training config, for sampling and evaluation: (model, ckpt used,
+    weights seed). Without a checkpoint the weights are random, seeded with lightning.seed as in training."""
+    import sys
+
+    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
+    from ldm.util import get_obj_from_str
+
+    config = load_config([config_path])
+    target = config.model.get("target", "")
+    cls = get_obj_from_str(target)
+    if not (isinstance(cls, type) and issubclass(cls, PerfusionLatentDiffusion)):
+        raise ConfigError(f"{config_path}: model.target is {target}, not a Perfusion model; pass the config the "
+                          "concepts were trained with (e.g. configs/perfusion_teddy.yaml)")
+    ckpt = ckpt or config.model.get("ckpt")
+    seed = int(config.get("lightning", {}).get("seed", 23))
+    if ckpt is None:
+        print(f"note: no --ckpt and no model.ckpt: {config_path} runs with random weights seeded with {seed} "
+              "(lightning.seed, as in training)", file=sys.stderr)
+    return build_model(config, ckpt, use_ema=use_ema, device=device, seed=seed), ckpt, seed
+
+
 @torch.no_grad()
 def randomize_zero_weights(module: torch.nn.Module) -> int:
     """Give every all-zero weight matrix/kernel a small random init (std 0.02); returns how many."""

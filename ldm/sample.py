@@ -8,10 +8,11 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.euler import EulerSampler
 from ldm.models.diffusion.guidance import make_generator
 
-SAMPLERS = {"ddim": DDIMSampler, "euler": EulerSampler}
+SAMPLERS = {"ddim": DDIMSampler, "euler": EulerSampler, "dpmpp_2m": DPMSolverSampler}
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,8 +67,10 @@ def latent_shape(model, n: int, height: int, width: int) -> tuple[int, int, int,
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], negative_prompt: str = "", sampler: str = "ddim", steps: int = 50,
              scale: float = 7.5, eta: float = 0.0, height: int = 512, width: int = 512, seed: int | None = 42,
-             x_T: torch.Tensor | None = None, precision: str = "fp32", conditioning=None) -> torch.Tensor:
-    """Sample one image per prompt; returns (B, 3, H, W) in [0, 1] (float32, CPU).
+             x_T: torch.Tensor | None = None, precision: str = "fp32", conditioning=None,
+             progress: bool = False) -> torch.Tensor:
+    """Sample one image per prompt; returns (B, 3, H, W) in [0, 1] (float32, CPU). `progress`
+    shows a bar over the sampling steps.
 
     `conditioning`, if given, is a callable prompts -> encodings used instead of
     `model.get_learned_conditioning` (Perfusion uses it to route concept prompts).
@@ -86,7 +89,8 @@ def generate(model, prompts: Sequence[str], negative_prompt: str = "", sampler: 
         cond = encode(list(prompts))
         uncond = model.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
         shape = latent_shape(model, len(prompts), height, width)
-        kwargs = dict(steps=steps, uncond=uncond, scale=scale, x_T=x_T, generator=make_generator(seed, device))
+        kwargs = dict(steps=steps, uncond=uncond, scale=scale, x_T=x_T, generator=make_generator(seed, device),
+                      progress=progress)
         if sampler == "ddim":
             kwargs["eta"] = eta
         z = SAMPLERS[sampler](model).sample(cond, shape, **kwargs)

@@ -4,6 +4,7 @@
     python scripts/benchmark.py train-step   --config configs/tiny/perfusion-tiny.yaml
     python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml [--concepts 2]
     python scripts/benchmark.py ema          --config configs/toy/ldm.yaml
+    python scripts/benchmark.py eval-overhead --config configs/tiny/perfusion-tiny.yaml
 
 Timings are ratios of two variants measured alternately in one process (these machines are
 noisy); each figure is the median over --repeats rounds.
@@ -227,6 +228,40 @@ def ema(args) -> int:
     return 0
 
 
+def eval_overhead(args) -> int:
+    """scripts/evaluate_concept.py's metric time against its sampling time, on the config's model
+    (random weights, a concept initialised from one batch) with tiny random CLIP and DINO models."""
+    import tempfile
+
+    from ldm.concepts import load_concept
+    from ldm.evaluation.concept_eval import Judge, evaluate
+    from ldm.evaluation.harness import Sampling
+    from ldm.evaluation.metrics import ClipMetric, DinoMetric
+    from ldm.evaluation.tiny import write_tiny_metric_models
+
+    config = load_config([args.config], args.overrides)
+    model = build_model(config, seed=0)
+    model.ensure_covariance()
+    side = model.image_size * model.first_stage_model.downsample_factor
+    captions, supers = _prompts(model, 4)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model.update_targets(model.cond_stage_model.tokenize(captions), captions, supers)
+        concept = load_concept(model.save_concept(Path(tmp) / "concept.safetensors"))
+        clip_config, clip_ckpt, dino = write_tiny_metric_models(tmp)
+        judge = Judge(ClipMetric(str(clip_config), clip_ckpt), DinoMetric(dino))
+    references = [torch.rand(3, side, side, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    templates = [line.strip() for line in (Path(__file__).resolve().parents[1] / "data/prompts/dreambooth-object.txt")
+                 .read_text().splitlines()][:args.prompts]
+    sampling = Sampling(args.steps, 6.0, "ddim", side, side, batch=8)
+    results = evaluate(model, [concept], ["concept"], [references], templates, judge, list(range(args.seeds)),
+                       sampling, [(0.7, 0.15)], log=lambda m: None)
+    t = results["timing"]
+    print(f"{len(templates)} prompts x {args.seeds} seeds, {args.steps} sampling steps, concept and superclass rows: "
+          f"sampling {t['sampling_s']:.2f} s, metrics {t['metrics_s']:.2f} s; metrics / sampling = "
+          f"{t['metrics_over_sampling']:.3f}")
+    return 0
+
+
 def _peak_memory() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA, all variants)"
@@ -273,6 +308,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--repeats", type=_at_least(2), default=15, help="the first update only copies; the rest are timed")
     s.set_defaults(func=ema)
+    s = sub.add_parser("eval-overhead", help="metric time of the concept evaluation relative to its sampling time")
+    s.add_argument("--config", required=True)
+    s.add_argument("--prompts", type=_at_least(1), default=8)
+    s.add_argument("--seeds", type=_at_least(1), default=4)
+    s.add_argument("--steps", type=_at_least(1), default=50)
+    s.set_defaults(func=eval_overhead)
     for s in sub.choices.values():
         s.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p

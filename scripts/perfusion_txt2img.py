@@ -23,20 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldm.build import ConfigError, build_model, load_config  # noqa: E402
+from ldm.build import build_perfusion  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.concepts import load_concept  # noqa: E402
 from ldm.errors import MissingFileError, UserError  # noqa: E402
+from ldm.evaluation.harness import DEFAULT_BETA, DEFAULT_TAU, choose_gates, parse_sweep, recommended_gates  # noqa: E402
 from ldm.gates import format_gate_table, gate_tables, leak_warning  # noqa: E402
 from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, per_concept,  # noqa: E402
                            prepare_prompt, set_gates)
 from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
 from ldm.outputs import save_grid, save_labelled_grid, save_samples  # noqa: E402
 from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate, latent_shape  # noqa: E402
-from ldm.util import get_obj_from_str  # noqa: E402
 
-DEFAULT_BETA = {False: 0.7, True: 0.5}   # public defaults: local key-locking 0.6-0.75, global 0.4-0.6
-DEFAULT_TAU = 0.15
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,9 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help='e.g. "a photo of a {}" or "a {1} next to a {2}"')
     p.add_argument("--from-file", dest="from_file", default=None, help="text file, one prompt per line")
     p.add_argument("--negative_prompt", default="")
-    p.add_argument("--beta", default=None, help="gate bias, one value or one per concept "
-                   f"(default {DEFAULT_BETA[False]}, with --global_locking {DEFAULT_BETA[True]})")
-    p.add_argument("--tau", default=str(DEFAULT_TAU), help="gate temperature > 0, one value or one per concept")
+    p.add_argument("--beta", default=None, help="gate bias, one value or one per concept (default: a concept's "
+                   "stored recommendation, see scripts/evaluate_concept.py; else "
+                   f"{DEFAULT_BETA[False]}, with --global_locking {DEFAULT_BETA[True]})")
+    p.add_argument("--tau", default=None, help="gate temperature > 0, one value or one per concept (default: the "
+                   f"stored recommendation, else {DEFAULT_TAU})")
     p.add_argument("--beta_sweep", default=None, metavar="START:STOP:COUNT",
                    help="render each seed at COUNT evenly spaced betas (all concepts) as one labelled grid")
     p.add_argument("--global_locking", action="store_true",
@@ -88,19 +88,6 @@ def numbers(text: str, flag: str) -> list[float]:
         raise UserError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)")
 
 
-def sweep_values(text: str) -> list[float]:
-    parts = text.split(":")
-    try:
-        start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise UserError(f"--beta_sweep {text!r} must be START:STOP:COUNT, e.g. 0.4:0.8:5")
-    if count < 2:
-        raise UserError(f"--beta_sweep {text!r}: COUNT must be at least 2")
-    return [round(v, 6) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist()]
-
-
 def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.from_file is not None:
         raise UserError("give --prompt or --from-file, not both")
@@ -129,9 +116,9 @@ def check_args(args):
     n = len(paths)
     if n > len(PLACEHOLDER_TOKENS):
         raise UserError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
-    betas = per_concept(numbers(args.beta, "--beta") if args.beta else DEFAULT_BETA[args.global_locking], n, "beta")
-    taus = per_concept(numbers(args.tau, "--tau"), n, "tau")
-    sweep = sweep_values(args.beta_sweep) if args.beta_sweep else None
+    betas = per_concept(numbers(args.beta, "--beta"), n, "beta") if args.beta else None
+    taus = per_concept(numbers(args.tau, "--tau"), n, "tau") if args.tau else None
+    sweep = parse_sweep(args.beta_sweep) if args.beta_sweep else None
     check_sampling_flags(args)
     if args.n_iter < 1:
         raise UserError(f"--n_iter must be at least 1, got {args.n_iter}")
@@ -141,28 +128,22 @@ def check_args(args):
     return paths, betas, taus, sweep, prompts
 
 
-def build(args):
-    config = load_config([args.config])
-    target = config.model.get("target", "")
-    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
-
-    cls = get_obj_from_str(target)
-    if not (isinstance(cls, type) and issubclass(cls, PerfusionLatentDiffusion)):
-        raise ConfigError(f"{args.config}: model.target is {target}, not a Perfusion model; pass the config the "
-                          "concepts were trained with (e.g. configs/perfusion_teddy.yaml)")
-    ckpt = args.ckpt or config.model.get("ckpt")
-    seed = int(config.get("lightning", {}).get("seed", 23))
-    if ckpt is None:
-        print(f"note: no --ckpt and no model.ckpt: {args.config} runs with random weights seeded with {seed} "
-              "(lightning.seed, as in training)", file=sys.stderr)
-    return build_model(config, ckpt, use_ema=args.use_ema, device=args.device, seed=seed), ckpt, seed
+def describe(loaded, sources) -> list[dict]:
+    """Per-concept settings for the PNG metadata, with where beta and tau came from."""
+    return [dict(entry, gates_from=origin) for entry, origin in zip(loaded.describe(), sources)]
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     paths, betas, taus, sweep, prompts = check_args(args)
     concepts = [load_concept(p) for p in paths]
-    model, ckpt, weights_seed = build(args)
+    betas, taus, sources = choose_gates(concepts, betas, taus, args.global_locking)
+    for path, concept, origin in zip(paths, concepts, sources):
+        if "recommendation" in origin.values():
+            print(f"{path}: " + ", ".join(f"{k} from its stored recommendation" for k, v in origin.items()
+                                          if v == "recommendation")
+                  + f" ({recommended_gates(concept)['rule']})", file=sys.stderr)
+    model, ckpt, weights_seed = build_perfusion(args.config, args.ckpt, args.use_ema, args.device)
     loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths,
                            gate_at=args.gate_at)
     tokenizer = model.cond_stage_model.tokenizer
@@ -204,16 +185,17 @@ def main(argv=None) -> int:
                 if beta is not None:
                     set_gates(model, loaded, beta, loaded.taus)
                 images = generate(model, [prompt] * args.n_samples, negative, args.sampler, args.steps, args.scale,
-                                  args.ddim_eta, height, width, seed, x_T=fixed, precision=args.precision)
+                                  args.ddim_eta, height, width, seed, x_T=fixed, precision=args.precision,
+                                  progress=sys.stderr.isatty())
                 meta = dict(settings, prompt_template=template, prompt=prompt, seed=seed,
-                            concepts=loaded.describe())
+                            concepts=describe(loaded, sources))
                 rows.append(images)
                 metas.extend(dict(meta, index_in_batch=i) for i in range(len(images)))
         images = torch.cat(rows)
         paths_out = save_samples(images, args.outdir, metas)
         written += paths_out
         grid_meta = dict(settings, prompt_template=template, prompt=prompt, seeds=[args.seed + b for b in
-                         range(batch - args.n_iter, batch)], concepts=loaded.describe())
+                         range(batch - args.n_iter, batch)], concepts=describe(loaded, sources))
         if sweep is None:
             grids.append(save_grid(images, Path(args.outdir) / f"grid-{paths_out[0].stem}.png",
                                    nrow=args.n_samples, metadata=grid_meta))
@@ -221,7 +203,7 @@ def main(argv=None) -> int:
             # rows: (iteration, beta) blocks of n_samples images -> one row per sample, one column per beta
             k = len(sweep)
             order = images.view(args.n_iter, k, args.n_samples, *images.shape[1:]).transpose(1, 2).flatten(0, 2)
-            grid_meta.update(beta_sweep=sweep, concepts=[dict(c, beta=sweep) for c in loaded.describe()])
+            grid_meta.update(beta_sweep=sweep, concepts=[dict(c, beta=sweep) for c in describe(loaded, sources)])
             grids.append(save_labelled_grid(order, Path(args.outdir) / f"beta-sweep-{paths_out[0].stem}.png",
                                             [f"beta {b:g}" for b in sweep], metadata=grid_meta))
     print(f"wrote {len(written)} samples to {written[0].parent} and {len(grids)} grid"

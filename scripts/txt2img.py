@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     height = side if args.H is None else args.H
     width = side if args.W is None else args.W
     images = generate(model, [args.prompt] * args.n_samples, args.negative_prompt, args.sampler, args.steps,
-                      args.scale, args.ddim_eta, height, width, args.seed, precision=args.precision)
+                      args.scale, args.ddim_eta, height, width, args.seed, precision=args.precision,
+                      progress=sys.stderr.isatty())
     settings = {k: v for k, v in vars(args).items() if k not in ("device",)}
     paths = save_samples(images, args.outdir, [dict(settings, index=i) for i in range(len(images))])
     grid = save_grid(images, Path(args.outdir) / f"grid-{paths[0].stem}.png", nrow=min(4, len(images)), metadata=settings)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.toy.benchmark import GATE_ROWS, METHODS, eval_scenes, judge, main as benchmark, p_above, templates
+from ldm.toy.benchmark import GATE_ROWS, METHODS, SUPERCLASS, eval_scenes, judge, main as benchmark, p_above, templates
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import Scene, SceneObject
 from tests.conftest import ROOT
@@ -61,6 +61,13 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     assert all(0 <= r["fidelity"] <= 1 for r in results["autoencoder_ceiling"].values())
     assert set(results["beta_curve"]) == {"concept", "0.1", "0.15"} and len(results["beta_curve"]["0.1"]) == 2
     assert list(results["pairs"]) == ["two_tone_ring + striped_star"]
+    # the recommendation is the evaluation harness's rule on the curve, against the superclass word's alignment
+    from ldm.evaluation.harness import recommend
+
+    points = results["beta_curve"]["0.1"] + results["beta_curve"]["0.15"]
+    floor = results["methods"][SUPERCLASS]["two_tone_ring"]["alignment"]
+    assert results["recommendation"] == recommend(points, floor)
+    assert "Recommended (the highest fidelity" in (out / "report.md").read_text()
     sizes = {k: v["bytes"] for k, v in results["training"]["striped_star"].items()}
     assert sizes["trained_keys"] > sizes["perfusion"] + 1000 and abs(sizes["embedding"] - sizes["perfusion"]) < 64
     assert sizes["perfusion"] < 20_000

@@ -266,13 +266,31 @@ def test_no_pretraining_caption_describes_a_concept():
 
     assert look_words("striped_star") == "yellow and blue striped star"
     phrases = set()
-    for name in CONCEPTS:
+    for name in (n for n, c in CONCEPTS.items() if c.pattern != "solid"):
         a, _, b, *rest = look_words(name).split(" ")
         phrases |= {" ".join([a, "and", b, *rest]), " ".join([b, "and", a, *rest])}
     world = ToyCaptionDataset(3000, seed=11, p_textured=0.6)
     captions = [world[i]["caption"] for i in range(3000)]
     assert sum(" striped " in c or " dotted " in c or " two-tone " in c for c in captions) > 1500
     assert not [c for c in captions if any(p in c for p in phrases)]
+
+
+def test_colour_concepts_lie_between_named_colours_and_never_occur_in_pretraining():
+    from ldm.toy.world import COLOUR_CONCEPTS, look_words
+
+    assert COLOUR_CONCEPTS == ("magenta_square", "teal_ring", "lime_star")
+    assert look_words("teal_ring") == "green ring"   # the nearest colour word: no word names teal
+    for name in COLOUR_CONCEPTS:
+        (rgb,) = CONCEPTS[name].colours
+        distances = sorted(math.dist(rgb, c) for c in COLOURS.values())
+        assert distances[0] > 80 and distances[1] < 1.2 * distances[0]   # far from every word, between two
+        image, (mask,) = render(Scene((SceneObject.concept(name, "centre"),), "gray"))
+        assert np.all(np.asarray(image)[mask == 255] == rgb)
+    world = ToyCaptionDataset(400, seed=5, p_textured=0.3)
+    colours = np.array([CONCEPTS[n].colours[0] for n in COLOUR_CONCEPTS], np.float32)
+    for i in range(0, 400, 20):   # no pretraining pixel, antialiased edges included, has a concept's colour
+        pixels = (world[i]["image"].permute(1, 2, 0).reshape(-1, 1, 3).numpy() + 1) * 127.5
+        assert np.abs(pixels - colours).max(-1).min() > 20
 
 
 def test_dataset_textures_and_caption_dropout_are_their_own_streams():
@@ -288,3 +306,23 @@ def test_dataset_textures_and_caption_dropout_are_their_own_streams():
     assert all(o.colour is None for o in objects if o.texture is not None)
     held = ToyCaptionDataset(50, seed=3, split="heldout", p_textured=0.5)
     assert all(o.texture is None for i in range(50) for o in held.scene(i)[0].objects)
+    # hue jitter: its own stream; gray stays gray, captions stay, about half the images change colour
+    jittered = ToyCaptionDataset(200, seed=3, hue_jitter=0.5)
+    changed = 0
+    for i in range(200):
+        a, b = base[i], jittered[i]
+        assert a["caption"] == b["caption"]
+        changed += not torch.equal(a["image"], b["image"])
+    assert 70 < changed < 130
+
+
+def test_hue_rotation_keeps_gray_and_lightness_and_turns_red_through_the_hues():
+    from ldm.toy.dataset import rotate_hue
+
+    gray = torch.full((3, 2, 2), 0.25)
+    assert torch.allclose(rotate_hue(gray, 2.0), gray, atol=1e-6)
+    red = torch.tensor([0.6, -0.8, -0.8]).view(3, 1, 1)
+    third = rotate_hue(red, 2 * math.pi / 3).flatten()          # a third of a turn: red -> green
+    assert torch.allclose(third, torch.tensor([-0.8, 0.6, -0.8]), atol=1e-5)
+    pale = torch.tensor([0.2, -0.2, -0.2]).view(3, 1, 1)       # in gamut at every angle: its mean is kept
+    assert torch.isclose(rotate_hue(pale, 1.0).mean(), pale.mean(), atol=1e-5)

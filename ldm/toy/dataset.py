@@ -33,6 +33,10 @@ class ToyCaptionDataset(Dataset):
     `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"),
     captioned with it ("a red and green striped star") unless the colour is dropped ("a star"), so a
     look can be put into words and a superclass word covers varied looks, as in real data.
+    `hue_jitter`: the share of images whose hue is rotated by a random angle (a rotation of RGB
+    about the gray axis: gray stays gray, the mean of R, G, B is kept unless clipped), which shows an autoencoder the
+    colours between the named ones that personal concepts have; for autoencoder training, whose
+    captions are unused.
     `masks=True` adds `"object_masks"` (2, size, size) float in [0, 1]: each object's soft mask in
     caption order, zeros where the scene has fewer objects (what the localization loss of
     `ldm.toy.localized` needs).
@@ -40,7 +44,7 @@ class ToyCaptionDataset(Dataset):
 
     def __init__(self, n: int, seed: int = 0, size: int = 32, split: str = "train",
                  p_drop_colour: float = 0.1, p_drop_position: float = 0.1, p_drop_background: float = 0.15,
-                 p_drop_caption: float = 0.0, p_textured: float = 0.0, masks: bool = False):
+                 p_drop_caption: float = 0.0, p_textured: float = 0.0, hue_jitter: float = 0.0, masks: bool = False):
         if not isinstance(n, int) or n < 1:
             raise UserError(f"n must be a positive number of items, got {n!r}")
         if split not in SPLITS:
@@ -49,13 +53,13 @@ class ToyCaptionDataset(Dataset):
             raise UserError(f"size must be an integer of at least 16 pixels, got {size!r}")
         for name, p in (("p_drop_colour", p_drop_colour), ("p_drop_position", p_drop_position),
                         ("p_drop_background", p_drop_background), ("p_drop_caption", p_drop_caption),
-                        ("p_textured", p_textured)):
+                        ("p_textured", p_textured), ("hue_jitter", hue_jitter)):
             if not 0.0 <= p <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {p!r}")
         self.n, self.seed, self.size, self.split = n, int(seed), size, split
         self.p_drop = (p_drop_colour, p_drop_position, p_drop_background)
         self.p_drop_caption, self.p_textured = float(p_drop_caption), float(p_textured)
-        self.masks = bool(masks)
+        self.hue_jitter, self.masks = float(hue_jitter), bool(masks)
 
     def __len__(self) -> int:
         return self.n
@@ -80,6 +84,9 @@ class ToyCaptionDataset(Dataset):
         scene, request = self.scene(index)
         image, masks = render(scene, self.size)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        hue = np.random.default_rng([self.seed, index, 2])
+        if self.hue_jitter and hue.random() < self.hue_jitter:
+            pixels = rotate_hue(pixels, float(hue.uniform(0, 2 * np.pi)))
         dropped = np.random.default_rng([self.seed, index, 1]).random() < self.p_drop_caption
         item = {"image": pixels, "caption": "" if dropped else caption(request)}
         if self.masks:
@@ -87,3 +94,13 @@ class ToyCaptionDataset(Dataset):
             for k, m in enumerate(masks):
                 item["object_masks"][k] = torch.from_numpy(m.astype(np.float32) / 255.0)
         return item
+
+
+def rotate_hue(pixels: torch.Tensor, angle: float) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], hue rotated by `angle` radians: Rodrigues' rotation about (1, 1, 1)."""
+    c, s, k = np.cos(angle), np.sin(angle), 1 / np.sqrt(3)
+    axis = np.full(3, k)
+    cross = np.array([[0, -k, k], [k, 0, -k], [-k, k, 0]])
+    m = torch.tensor(c * np.eye(3) + s * cross + (1 - c) * np.outer(axis, axis), dtype=pixels.dtype)
+    rgb = (pixels + 1) / 2
+    return (torch.einsum("ij,jhw->ihw", m, rgb).clamp(0, 1) * 2 - 1)

@@ -4,7 +4,7 @@
 
 Writes three labelled grids to --out (4 seeds per column, images enlarged 4x):
 contexts.png (prompts never used in training), two_concepts.png (with --second, by default the
-shipped polka-dot square, or the striped star if that is the one given) and beta_sweep.png.
+shipped lime star, or the teal ring if that is the one given) and beta_sweep.png.
 """
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be a positive whole number, got {getattr(args, flag)}")
     concept = Path(args.concept)
-    second = Path(args.second) if args.second else SHIPPED / "polka_dot_square.safetensors"
+    second = Path(args.second) if args.second else SHIPPED / "lime_star.safetensors"
     if second.resolve() == concept.resolve():
-        second = SHIPPED / "striped_star.safetensors"
+        second = SHIPPED / "teal_ring.safetensors"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config([args.config])

@@ -6,8 +6,8 @@
 
 Grammar: 1 or 2 objects; SHAPES x COLOURS; one object at any of POSITIONS, two objects at
 left+right or top+bottom; a background from BACKGROUNDS. The (colour, shape) pairs in HELD_OUT
-never occur in the pretraining split, and the CONCEPTS (objects with a distinctive two-colour
-look) never occur in it at all. Everything is a pure function of the scene (sizes and offsets
+never occur in the pretraining split, and the CONCEPTS (objects with a distinctive look: a
+colour no caption names, or a two-colour pattern) never occur in it at all. Everything is a pure function of the scene (sizes and offsets
 are fields of the scene), and scenes are drawn from `numpy.random.Generator`s, so a seed
 fixes every image bit for bit.
 
@@ -68,15 +68,18 @@ SUPERSAMPLE = 4  # render at 4x and average 4x4 blocks: antialiased edges, deter
 
 @dataclass(frozen=True)
 class Concept:
-    """A personal object with a fixed two-colour look; `shape` is its superclass word."""
+    """A personal object with a fixed look; `shape` is its superclass word."""
     name: str  # folder and look name
     phrase: str  # what a caption calls it when no placeholder is given
     shape: str
-    pattern: str  # "stripes" | "dots" | "halves"
-    colours: tuple[tuple[int, int, int], tuple[int, int, int]]
+    pattern: str  # "solid" (one colour) | "stripes" | "dots" | "halves"
+    colours: tuple[tuple[int, int, int], ...]  # one for "solid", two for a pattern
 
 
 # Every look is symmetric under a left-right flip, so flip augmentation keeps it intact.
+# Two kinds: a solid colour that lies between two of COLOURS (no caption has a word for it, but
+# the base model draws its neighbours from words), and two-colour patterns, which this base
+# model cannot draw even when they are spelled out in words (see docs/toy-world.md).
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     # horizontal bands, 2 px each at 32x32, yellow and blue
     Concept("striped_star", "striped star", "star", "stripes", (COLOURS["yellow"], COLOURS["blue"])),
@@ -84,7 +87,11 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     Concept("polka_dot_square", "polka-dot square", "square", "dots", (COLOURS["red"], COLOURS["white"])),
     # orange upper half, blue lower half
     Concept("two_tone_ring", "two-tone ring", "ring", "halves", (COLOURS["orange"], COLOURS["blue"])),
+    Concept("magenta_square", "magenta square", "square", "solid", ((185, 45, 120),)),   # between red and purple
+    Concept("teal_ring", "teal ring", "ring", "solid", ((0, 150, 150),)),                # between green and blue
+    Concept("lime_star", "lime star", "star", "solid", ((142, 202, 50),)),               # between yellow and green
 )}
+COLOUR_CONCEPTS: tuple[str, ...] = tuple(n for n, c in CONCEPTS.items() if c.pattern == "solid")
 LOOKS: tuple[str, ...] = ("plain",) + tuple(CONCEPTS)   # "plain": not one of the concepts
 PATTERNS: tuple[str, ...] = ("stripes", "dots", "halves")
 PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "dots": "dotted", "halves": "two-tone"}
@@ -93,7 +100,7 @@ _COLOUR_NAME = {rgb: name for name, rgb in COLOURS.items()}
 # shape) may reproduce a concept's pattern and colours, so no caption of pretraining describes it.
 CONCEPT_TEXTURES = frozenset(
     (c.pattern,) + tuple(_COLOUR_NAME[rgb] for rgb in colours)
-    for c in CONCEPTS.values() for colours in (c.colours, c.colours[::-1]))
+    for c in CONCEPTS.values() if c.pattern in PATTERNS for colours in (c.colours, c.colours[::-1]))
 
 
 @dataclass(frozen=True)
@@ -189,8 +196,12 @@ def _textured_noun(pattern: str, a: str, b: str, shape: str) -> str:
 
 def look_words(name: str) -> str:
     """A concept's look in the words of pretraining captions ('yellow and blue striped star'): a
-    combination no pretraining caption names, so the base model can only compose it."""
+    combination no pretraining caption names, so the base model can only compose it. A solid
+    concept's colour has no word: its nearest colour word ('purple square'), the closest words can come."""
     c = CONCEPTS[name]
+    if c.pattern == "solid":
+        nearest = min(COLOURS, key=lambda n: sum((a - b) ** 2 for a, b in zip(COLOURS[n], c.colours[0])))
+        return f"{nearest} {c.shape}"
     return _textured_noun(c.pattern, *(_COLOUR_NAME[rgb] for rgb in c.colours), c.shape)
 
 
@@ -265,6 +276,8 @@ def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.
     if obj.look != "plain":
         concept = CONCEPTS[obj.look]
         pattern, colours = concept.pattern, concept.colours
+        if pattern == "solid":
+            return Image.new("RGB", (side, side), colours[0])
     elif obj.texture is not None:
         pattern, colours = obj.texture[0], tuple(COLOURS[c] for c in obj.texture[1:])
     else:

@@ -39,12 +39,16 @@ class EulerSampler:
             return x - sigma * out
         return x / (sigma ** 2 + 1) - out * sigma * scale  # v: c_skip x + c_out v
 
-    @torch.no_grad()
-    def sample(self, cond, shape, steps=50, uncond=None, scale=1.0, x_T=None, generator=None, progress=False):
+    def start(self, cond, shape, steps, uncond, scale, x_T, generator):
+        """(guided denoiser, the Karras sigmas, x at the first sigma) of a run."""
         denoise = GuidedDenoiser(self.model, cond, uncond, scale)
         sigmas = karras_sigmas(float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp()), steps)
         noise = initial_noise(shape, cond.device, generator) if x_T is None else x_T.to(cond.device)
-        x = noise * float(sigmas[0])
+        return denoise, sigmas, noise * float(sigmas[0])
+
+    @torch.no_grad()
+    def sample(self, cond, shape, steps=50, uncond=None, scale=1.0, x_T=None, generator=None, progress=False):
+        denoise, sigmas, x = self.start(cond, shape, steps, uncond, scale, x_T, generator)
         for i in tqdm(range(steps), desc="Euler", disable=not progress, leave=False):
             sigma, nxt = float(sigmas[i]), float(sigmas[i + 1])
             d = (x - self.denoised(denoise, x, sigma)) / sigma
