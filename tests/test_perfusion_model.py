@@ -55,6 +55,28 @@ def test_training_changes_the_concept_and_nothing_else():
     assert changed == concept
 
 
+def test_a_training_step_encodes_the_concept_prompts_once_with_the_same_result(monkeypatch):
+    """The concept prompts are encoded once per step (the targets' EMA reads them detached), and the
+    step is what encoding them separately for the targets gave: the same loss and concept."""
+    results = []
+    for once in (True, False):
+        m = tiny_perfusion_model()
+        m.ensure_covariance()   # estimated from captions once, before the counting starts
+        encoder = m.cond_stage_model
+        calls = []
+        original = type(encoder).encode_embeddings
+        monkeypatch.setattr(encoder, "encode_embeddings",
+                            lambda *a, **k: calls.append(1) or original(encoder, *a, **k))
+        if not once:   # the targets get their own encoding, as before
+            update = m.update_targets
+            monkeypatch.setattr(m, "update_targets", lambda t, c, s, encodings=None: update(t, c, s))
+        loss = _train_steps(m, n=2)
+        results.append((loss.item(), m.embedding.detach().clone(), m.i_star.clone(), len(calls)))
+    (loss_a, emb_a, istar_a, calls_a), (loss_b, emb_b, istar_b, calls_b) = results
+    assert calls_a == 4 and calls_b == 6     # per step: the concept and the superclass prompts (before: +1)
+    assert loss_a == loss_b and torch.equal(emb_a, emb_b) and torch.equal(istar_a, istar_b)
+
+
 def test_first_batch_initialises_targets(model):
     m = tiny_perfusion_model()
     batch = perfusion_batch(m)

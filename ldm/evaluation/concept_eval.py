@@ -169,6 +169,6 @@ def write_report(out: Path, results: dict, header: Sequence[str]) -> list[Path]:
         written.append(plot_tradeoff(
             out / "tradeoff.png", {Path(e["file"]).stem: e["sweep"] for e in swept}, "clip_t", "clip_i",
             "CLIP-T (text alignment)", "CLIP-I (concept fidelity)", "beta/tau sweep",
-            baselines={Path(e["file"]).stem: e["baseline"]["mean"] for e in swept},
+            baselines={f"{Path(e['file']).stem}: superclass word, no concept": e["baseline"]["mean"] for e in swept},
             recommended={Path(e["file"]).stem: e["recommendation"] for e in swept}))
     return written

@@ -9,7 +9,8 @@ def plot_tradeoff(path: Path, curves: Mapping[str, Sequence[dict]], x: str, y: s
                   title: str, baselines: Mapping[str, dict] = {}, recommended: Mapping[str, dict | None] = {},
                   scale: float = 1.0) -> Path:
     """`curves`: label -> points (dicts with beta, tau, x, y); each point is annotated with its beta
-    (and tau when a curve mixes taus). `baselines` are marked x, `recommended` points circled."""
+    (and tau when a curve mixes taus). `baselines` (legend label -> point) are marked x;
+    `recommended` (curve label -> point) are circled in their curve's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,12 +25,12 @@ def plot_tradeoff(path: Path, curves: Mapping[str, Sequence[dict]], x: str, y: s
         for p in points:
             text = f"{p['beta']:g}" + (f"/{p['tau']:g}" if several_taus else "")
             ax.annotate(text, (scale * p[x], scale * p[y]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        if baselines.get(label):
-            ax.plot(scale * baselines[label][x], scale * baselines[label][y], "x", color=line.get_color(),
-                    markersize=9, label=f"{label}: superclass word, no concept")
         if recommended.get(label):
             ax.plot(scale * recommended[label][x], scale * recommended[label][y], "o", markersize=13,
                     markerfacecolor="none", color=line.get_color(), label=f"{label}: recommended")
+    markers = iter("xP*D")
+    for label, point in baselines.items():
+        ax.plot(scale * point[x], scale * point[y], next(markers, "x"), color="black", markersize=9, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

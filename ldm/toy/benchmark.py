@@ -517,7 +517,7 @@ def plot(out: Path, results: dict, labels: Sequence[str]) -> None:
     first = results["beta_curve"]["concept"]
     plot_tradeoff(out / "beta_curve.png", {f"tau {tau}": results["beta_curve"][str(tau)] for tau in TAUS},
                   "alignment", "fidelity", "text alignment (%)", "concept fidelity (%)", f"beta sweep, {first}",
-                  baselines={f"tau {TAUS[0]}": results["methods"][SUPERCLASS][first]},
+                  baselines={"superclass word, no concept": results["methods"][SUPERCLASS][first]},
                   recommended={f"tau {results['recommendation']['tau']}": results["recommendation"]}
                   if results.get("recommendation") else {}, scale=100)
 

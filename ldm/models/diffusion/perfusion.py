@@ -244,15 +244,25 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             x = x / dist.get_world_size()
         return x
 
+    def encode_concept_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The concept prompts' encodings with the placeholder's embedding row (which the first batch
+        initialises to the superclass word's, identically on every rank)."""
+        encoder = self.cond_stage_model
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.embedding.copy_(superclass_embedding(encoder, self.superclass_ids))
+        return encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
+
     @torch.no_grad()
-    def update_targets(self, tokens: torch.Tensor, captions, captions_super):
+    def update_targets(self, tokens: torch.Tensor, captions, captions_super, encodings: torch.Tensor | None = None):
         """EMA of i* and i_super from this batch (averaged over all ranks); the first batch initialises
-        them, the embedding (superclass word's) and o*_V = W_V i_super, identically on every rank."""
+        them and o*_V = W_V i_super, identically on every rank. `encodings`: the concept prompts'
+        (`encode_concept_prompts`), when the caller has them already."""
         encoder = self.cond_stage_model
         first = not bool(self.initialized)
-        if first:
-            self.embedding.copy_(superclass_embedding(encoder, self.superclass_ids))
-        encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
+        if encodings is None:
+            encodings = self.encode_concept_prompts(tokens)
+        encodings = encodings.detach()
         rows = torch.arange(len(captions), device=encodings.device)
         pos = self._concept_positions(tokens, [self.placeholder_id], "placeholder", captions)
         e_star = self._mean_over_ranks(encodings[rows, pos].float().mean(0))
@@ -291,8 +301,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         captions = list(batch[self.cond_stage_key])
         encoder = self.cond_stage_model
         tokens = encoder.tokenize(captions)
-        self.update_targets(tokens, captions, batch["caption_super"])
-        cond = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
+        cond = self.encode_concept_prompts(tokens)   # once: the targets' EMA reads it detached
+        self.update_targets(tokens, captions, batch["caption_super"], encodings=cond)
         self.activate_training_concept()
         if self.bank.active:
             cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
