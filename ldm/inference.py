@@ -199,6 +199,31 @@ def unload_concepts(model) -> None:
     model.bank.state = ConceptState(unloaded=frozenset(word for word, _ in model.bank.state.words.values()))
 
 
+def parse_numbers(text: str, flag: str) -> list[float]:
+    """'0.7' or '0.7,0.6' from a command-line flag; one line naming the flag otherwise."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)") from None
+
+
+def read_prompt_file(path: str | Path, flag: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file of prompts (or templates), one per line."""
+    from ldm.errors import MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{flag} {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path}: not a UTF-8 text file (expected one prompt per line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{flag} {path}: no prompts in it (one per line)")
+    return prompts
+
+
 def format_prompt(template: str, tokens: Sequence[str]) -> str:
     """Replace `{}` (one concept) or `{1}`, `{2}`, ... (1-based, load order) by the assigned tokens."""
     n = len(tokens)

@@ -238,6 +238,7 @@ def eval_overhead(args) -> int:
     from ldm.evaluation.harness import Sampling
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
     from ldm.evaluation.tiny import write_tiny_metric_models
+    from ldm.inference import read_prompt_file
 
     config = load_config([args.config], args.overrides)
     model = build_model(config, seed=0)
@@ -250,8 +251,8 @@ def eval_overhead(args) -> int:
         clip_config, clip_ckpt, dino = write_tiny_metric_models(tmp)
         judge = Judge(ClipMetric(str(clip_config), clip_ckpt), DinoMetric(dino))
     references = [torch.rand(3, side, side, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    templates = [line.strip() for line in (Path(__file__).resolve().parents[1] / "data/prompts/dreambooth-object.txt")
-                 .read_text().splitlines()][:args.prompts]
+    templates = read_prompt_file(Path(__file__).resolve().parents[1] / "data/prompts/dreambooth-object.txt",
+                                 "prompts")[:args.prompts]
     sampling = Sampling(args.steps, 6.0, "ddim", side, side, batch=8)
     results = evaluate(model, [concept], ["concept"], [references], templates, judge, list(range(args.seeds)),
                        sampling, [(0.7, 0.15)], log=lambda m: None)

@@ -69,16 +69,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_templates(spec: str, flag: str) -> list[str]:
-    path = PROMPT_SETS.get(spec, Path(spec))
-    if not path.is_file():
+    """A shipped prompt set by name, or a file of templates."""
+    from ldm.inference import read_prompt_file
+
+    if spec not in PROMPT_SETS and not Path(spec).is_file():
         raise MissingFileError(f"{flag} {spec}: no such file (or one of {', '.join(PROMPT_SETS)})")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {path}: not a UTF-8 text file (one prompt template per line)") from None
-    if not lines:
-        raise UserError(f"{flag} {path}: no prompt templates in it")
-    return lines
+    return read_prompt_file(PROMPT_SETS.get(spec, spec), flag)
 
 
 def reference_images(folder: str) -> list[torch.Tensor]:
@@ -96,15 +92,12 @@ def reference_images(folder: str) -> list[torch.Tensor]:
 
 
 def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | None:
-    """Comma-separated numbers; with `n`, one per concept (a single value is shared)."""
-    from ldm.inference import per_concept
+    """A flag's comma-separated numbers (None when not given); with `n`, one per concept."""
+    from ldm.inference import parse_numbers, per_concept
 
     if text is None:
         return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} {text!r} is not a number or comma-separated numbers") from None
+    values = parse_numbers(text, flag)
     return values if n is None else per_concept(values, n, flag[2:])
 
 

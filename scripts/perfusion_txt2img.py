@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from ldm.build import build_perfusion  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.concepts import load_concept  # noqa: E402
-from ldm.errors import MissingFileError, UserError  # noqa: E402
+from ldm.errors import UserError  # noqa: E402
 from ldm.evaluation.harness import DEFAULT_BETA, DEFAULT_TAU, choose_gates, parse_sweep, recommended_gates  # noqa: E402
 from ldm.gates import format_gate_table, gate_tables, leak_warning  # noqa: E402
-from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, per_concept,  # noqa: E402
-                           prepare_prompt, set_gates)
+from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, parse_numbers,  # noqa: E402
+                           per_concept, prepare_prompt, read_prompt_file, set_gates)
 from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
 from ldm.outputs import save_grid, save_labelled_grid, save_samples  # noqa: E402
 from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate, latent_shape  # noqa: E402
@@ -81,28 +81,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def numbers(text: str, flag: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} {text!r} is not a number or a comma-separated list of numbers (e.g. 0.7,0.6)")
-
-
 def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.from_file is not None:
         raise UserError("give --prompt or --from-file, not both")
     if args.from_file is not None:
-        path = Path(args.from_file)
-        if not path.is_file():
-            raise MissingFileError(f"--from-file {path}: no such file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"--from-file {path}: not a UTF-8 text file (expected one prompt per line)") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"--from-file {path}: no prompts in it (one per line)")
-        return prompts
+        return read_prompt_file(args.from_file, "--from-file")
     if args.prompt is None:
         raise UserError('no prompt: pass --prompt "a photo of a {}" or --from-file FILE')
     return [args.prompt]
@@ -116,8 +99,8 @@ def check_args(args):
     n = len(paths)
     if n > len(PLACEHOLDER_TOKENS):
         raise UserError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
-    betas = per_concept(numbers(args.beta, "--beta"), n, "beta") if args.beta else None
-    taus = per_concept(numbers(args.tau, "--tau"), n, "tau") if args.tau else None
+    betas = per_concept(parse_numbers(args.beta, "--beta"), n, "beta") if args.beta else None
+    taus = per_concept(parse_numbers(args.tau, "--tau"), n, "tau") if args.tau else None
     sweep = parse_sweep(args.beta_sweep) if args.beta_sweep else None
     check_sampling_flags(args)
     if args.n_iter < 1:

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ldm.evaluation.harness import Sampling, fill, recommend, render, render_concepts, sweep
+from ldm.evaluation.harness import Sampling, recommend, render, render_concepts, sweep
+from ldm.inference import format_prompt
 
 METRICS = ("clip_t", "clip_i", "dino")
 
@@ -26,12 +27,22 @@ class Judge:
     dino: object | None = None
     seconds: float = 0.0
 
-    def __call__(self, images: torch.Tensor, texts: Sequence[str], references: Sequence) -> dict[str, torch.Tensor]:
+    def _fidelity_metrics(self):
+        return [(name, m) for name, m in (("clip_i", self.clip), ("dino", self.dino)) if m is not None]
+
+    def references(self, images: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A concept's training images as features of each fidelity metric, computed once per run."""
+        start = time.perf_counter()
+        features = {name: metric.image_features(images) for name, metric in self._fidelity_metrics()}
+        self.seconds += time.perf_counter() - start
+        return features
+
+    def __call__(self, images: torch.Tensor, texts: Sequence[str], references: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """CLIP-T against `texts`; CLIP-I and DINO (one row per concept) against each concept's `references`."""
         start = time.perf_counter()
         scores = {"clip_t": self.clip.text_similarity(images, texts)}
-        for name, metric in (("clip_i", self.clip), ("dino", self.dino)):
-            if metric is not None:
-                scores[name] = torch.stack([metric.image_similarity(images, refs) for refs in references])
+        for name, metric in self._fidelity_metrics():
+            scores[name] = torch.stack([metric.similarity_to(images, refs[name]) for refs in references])
         self.seconds += time.perf_counter() - start
         return scores
 
@@ -58,6 +69,7 @@ def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequen
     """Concept n (file `names[n]`, loaded Concept `concepts[n]`, training images `references[n]`) at
     `gates[n]` = (beta, tau) on every template; each alone over `settings`; all together on `pair_templates`."""
     sampled = {"seconds": 0.0}
+    features = [judge.references(images) for images in references]   # once per concept, not per render
 
     def timed(fn, *args, **kwargs):
         start = time.perf_counter()
@@ -68,14 +80,14 @@ def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequen
     def alone(n: int, beta: float, tau: float) -> list[dict]:
         c = concepts[n]
         images = timed(render_concepts, model, [c], templates, seeds, sampling, beta, tau)
-        texts = [fill(t, [c.superclass]) for t in templates for _ in seeds]
-        return by_prompt(judge(images, texts, [references[n]]), templates, len(seeds))
+        texts = [format_prompt(t, [c.superclass]) for t in templates for _ in seeds]
+        return by_prompt(judge(images, texts, [features[n]]), templates, len(seeds))
 
     results = {"concepts": [], "pairs": None}
     for n, (concept, name) in enumerate(zip(concepts, names)):
-        prompts = [fill(t, [concept.superclass]) for t in templates]
+        prompts = [format_prompt(t, [concept.superclass]) for t in templates]
         baseline = by_prompt(judge(timed(render, model, prompts, seeds, sampling),
-                                   [p for p in prompts for _ in seeds], [references[n]]), templates, len(seeds))
+                                   [p for p in prompts for _ in seeds], [features[n]]), templates, len(seeds))
         beta, tau = gates[n]
         rows = alone(n, beta, tau)
         entry = {"file": name, "superclass": concept.superclass, "references": len(references[n]),
@@ -92,8 +104,8 @@ def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequen
     if pair_templates and len(concepts) > 1:
         images = timed(render_concepts, model, concepts, pair_templates, seeds, sampling,
                        [g[0] for g in gates], [g[1] for g in gates])
-        texts = [fill(t, [c.superclass for c in concepts]) for t in pair_templates for _ in seeds]
-        scores = judge(images, texts, references)
+        texts = [format_prompt(t, [c.superclass for c in concepts]) for t in pair_templates for _ in seeds]
+        scores = judge(images, texts, features)
         rows = [by_prompt(scores, pair_templates, len(seeds), which=n) for n in range(len(concepts))]
         results["pairs"] = {"per_prompt": [{"prompt": t, "clip_t": rows[0][k]["clip_t"],
                                             **{m: [r[k][m] for r in rows] for m in ("clip_i", "dino") if m in rows[0][k]}}

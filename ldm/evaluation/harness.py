@@ -74,13 +74,6 @@ def render_concepts(model, concepts: Sequence, templates: Sequence[str], seeds: 
         return render(model, [prepare_prompt(tokenizer, t, loaded) for t in templates], seeds, sampling)
 
 
-def fill(template: str, words: Sequence[str]) -> str:
-    """The template with its concepts named by `words` ('{}' is word 1): the superclass prompt."""
-    from ldm.inference import format_prompt
-
-    return format_prompt(template, list(words))
-
-
 def sweep(settings: Sequence[tuple[float, float]], measure: Callable[[float, float], dict]) -> list[dict]:
     """One point per (beta, tau): {"beta", "tau", **measure(beta, tau)}."""
     return [{"beta": beta, "tau": tau, **measure(beta, tau)} for beta, tau in settings]

@@ -66,6 +66,10 @@ class _Metric:
         """Per generated image, the mean cosine with the reference (training) images."""
         return mean_pairwise_cosine(self.image_features(images), self.image_features(references))
 
+    def similarity_to(self, images, reference_features: torch.Tensor) -> torch.Tensor:
+        """`image_similarity` against references whose features were computed once (`image_features`)."""
+        return mean_pairwise_cosine(self.image_features(images), reference_features)
+
 
 class ClipMetric(_Metric):
     """An open_clip model: `model_name` is an architecture name (ViT-L-14) or a JSON model config

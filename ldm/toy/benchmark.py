@@ -33,8 +33,8 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.evaluation.harness import (DEFAULT_BETA, DEFAULT_FRACTION, DEFAULT_TAU, Sampling, recommend, render,
-                                    sweep)
+from ldm.evaluation.harness import (DEFAULT_BETA, DEFAULT_FRACTION, DEFAULT_TAU, Sampling, concepts_loaded,
+                                    recommend, render, render_concepts, sweep)
 from ldm.toy import full_finetune
 from ldm.toy.world import COLOUR_CONCEPTS, CONCEPTS, Scene, SceneObject, caption, look_words
 from ldm.util import REPO_ROOT as ROOT
@@ -180,23 +180,22 @@ class Bench:
         """Render each prompt with seeds 0 .. seeds - 1 with `model` (default: the base model), judge
         against its scene (the evaluation harness renders, as for scripts/evaluate_concept.py)."""
         images = render(model or self.model, prompts, range(self.seeds), self.sampling)
+        return self.verdict(images, scenes), images
+
+    def verdict(self, images: torch.Tensor, scenes: Sequence[Scene]) -> dict:
+        """The scorer's verdict on `seeds` renders per scene (prompt-major, as the harness renders)."""
         requests = [s for s in scenes for _ in range(self.seeds)]
-        return judge(self.scorer.score(images, requests), requests), images
+        return judge(self.scorer.score(images, requests), requests)
 
     def measure(self, concepts: Sequence[Path], scenes: Sequence[Scene], nouns_for, beta=BETA, tau=TAU,
                 global_locking: bool = False, gate_at: str = "all") -> tuple[dict, torch.Tensor]:
         """Load `concepts` (none: the base model), render the scenes' captions, judge them."""
-        from ldm.inference import load_concepts, prepare_prompt, unload_concepts
-
         prompts = templates(scenes, nouns_for)
         if not concepts:
             return self.score(prompts, scenes)
-        loaded = load_concepts(self.model, concepts, beta, tau, global_locking=global_locking, gate_at=gate_at)
-        tokenizer = self.model.cond_stage_model.tokenizer
-        try:
-            return self.score([prepare_prompt(tokenizer, p, loaded) for p in prompts], scenes)
-        finally:
-            unload_concepts(self.model)
+        images = render_concepts(self.model, concepts, prompts, range(self.seeds), self.sampling, beta, tau,
+                                 global_locking=global_locking, gate_at=gate_at)
+        return self.verdict(images, scenes), images
 
     def gates(self, concept, scenes: Sequence[Scene]) -> dict[str, float]:
         """At BETA/TAU, over the scenes' prompts: the median of the largest gate at a token other than
@@ -204,15 +203,12 @@ class Bench:
         from statistics import median
 
         from ldm.gates import gate_tables
-        from ldm.inference import load_concepts, prepare_prompt, unload_concepts
+        from ldm.inference import prepare_prompt
 
-        loaded = load_concepts(self.model, [concept], BETA, TAU)
-        tokenizer = self.model.cond_stage_model.tokenizer
-        try:
+        with concepts_loaded(self.model, [concept], BETA, TAU) as loaded:
+            tokenizer = self.model.cond_stage_model.tokenizer
             tables = gate_tables(self.model, [prepare_prompt(tokenizer, p, loaded)
                                               for p in templates(scenes, lambda o: "{}")])
-        finally:
-            unload_concepts(self.model)
         others = [[t.gate[k][0] for k in t.others()] for t in tables]
         own_sim = [t.sim[k][0] for t in tables for k in t.owned()]
         other_sim = [max(t.sim[k][0] for k in t.others()) for t in tables]
