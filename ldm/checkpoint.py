@@ -1,7 +1,8 @@
 """Reading Stable Diffusion checkpoints safely and loading them with a strict, readable check.
 
-Original CompVis-format `.ckpt` files (a pickle, optionally wrapped in `{"state_dict": ...}`)
-and `.safetensors` files are both accepted. Pickles are opened with `weights_only=True`, so a
+Original CompVis-format `.ckpt` files (a pickle, optionally wrapped in `{"state_dict": ...}`),
+`.safetensors` files and diffusers-format folders (their names mapped onto the original ones,
+`ldm.interop.diffusers_folder`) are accepted. Pickles are opened with `weights_only=True`, so a
 file that would import or call code is refused instead of executed.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ldm.errors import UserError
+from ldm.interop.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_vae_folder, scheduler_config
 
 # Buffers of LatentDiffusion that the schedule recomputes from the config; checkpoints carry them.
 SCHEDULE_BUFFERS = {
@@ -31,12 +33,18 @@ class CheckpointError(UserError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Return the tensors of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, on the CPU."""
+    """Return the tensors of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, or of a diffusers
+    folder (a whole pipeline, or one AutoencoderKL), under the original names, on the CPU."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file (expected a .ckpt or .safetensors checkpoint)")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a .ckpt or .safetensors checkpoint file")
+        if is_diffusers_folder(path):
+            return read_diffusers_folder(path)
+        if (path / "config.json").is_file() and (vae := read_vae_folder(path)) is not None:
+            return vae
+        raise CheckpointError(f"{path}: is a directory without model_index.json, expected a .ckpt or "
+                              ".safetensors checkpoint file or a diffusers-format folder")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     with open(path, "rb") as f:
@@ -148,8 +156,10 @@ def load_model(model: torch.nn.Module, path: str | Path, use_ema: bool = False,
     raw = read_state_dict(path)
     expected = model.state_dict()
     state = normalize_keys(raw, ema_names=expected.keys(), use_ema=use_ema)
+    encoder = getattr(model, "cond_stage_model", None)
+    unused = [f"cond_stage_model.{k}" for k in encoder.unused_keys()] if hasattr(encoder, "unused_keys") else []
+    check_compatible(expected, state, str(path), [*ignore_missing, *unused])
     _check_schedule(model, raw, path)
-    check_compatible(expected, state, str(path), ignore_missing)
     model.load_state_dict(state, strict=False)
 
 
@@ -161,11 +171,20 @@ def load_into(module: torch.nn.Module, source: str | Path | Mapping[str, torch.T
     if not state:
         version = sd_version(raw)
         raise CheckpointError(f"{name}: no weights under '{prefix}'" + (f" (file looks like {version})" if version else ""))
-    check_compatible(module.state_dict(), state, f"{name} [{prefix}*]")
+    unused = module.unused_keys() if hasattr(module, "unused_keys") else ()
+    check_compatible(module.state_dict(), state, f"{name} [{prefix}*]", unused)
     module.load_state_dict(state, strict=False)
 
 
+_PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
+
+
 def _check_schedule(model: torch.nn.Module, raw: Mapping[str, torch.Tensor], path) -> None:
+    scheduler = scheduler_config(path) if is_diffusers_folder(path) else None
+    mine = getattr(model, "parameterization", None)
+    if scheduler and mine and _PREDICTION.get(scheduler.get("prediction_type", "epsilon")) != mine:
+        raise CheckpointError(f"{path}: the scheduler predicts {scheduler.get('prediction_type', 'epsilon')} but "
+                              f"the config's parameterization is {mine!r}")
     betas = raw.get("betas")
     mine = getattr(model, "betas", None)
     if betas is None or mine is None:

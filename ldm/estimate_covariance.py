@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", required=True, help="model YAML; its model.params.cond_stage_config is built")
     parser.add_argument("--ckpt", default=None,
-                        help="base SD checkpoint (.ckpt/.safetensors) holding cond_stage_model.* weights")
+                        help="base SD checkpoint (.ckpt/.safetensors, or a diffusers folder) holding the text encoder")
     parser.add_argument("--captions", default=str(DEFAULT_CAPTIONS),
                         help="text file, one caption per line (.gz accepted); blank lines skipped")
     parser.add_argument("--out", required=True, help="output .safetensors file")

@@ -40,7 +40,7 @@ from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate, lat
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the Perfusion model YAML the concepts were trained with")
-    p.add_argument("--ckpt", default=None, help="base SD checkpoint (default: the config's model.ckpt)")
+    p.add_argument("--ckpt", default=None, help="base SD checkpoint or diffusers folder (default: the config's model.ckpt)")
     p.add_argument("--use_ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--personalized_ckpt", required=True, help="concept file(s), comma-separated: a.safetensors,b.safetensors")
     p.add_argument("--prompt", default=None, help='e.g. "a photo of a {}" or "a {1} next to a {2}"')

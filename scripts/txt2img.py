@@ -24,7 +24,7 @@ from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate  # n
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny/v1-tiny.yaml", help="model YAML")
-    p.add_argument("--ckpt", default=None, help="base checkpoint (.ckpt or .safetensors); none: random weights")
+    p.add_argument("--ckpt", default=None, help="base checkpoint (.ckpt, .safetensors or a diffusers folder); none: random weights")
     p.add_argument("--use_ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--prompt", default="a photo of a teddy bear")
     p.add_argument("--negative_prompt", default="")

@@ -87,3 +87,24 @@ def test_config_errors(tmp_path):
         load_config([ROOT / "configs/tiny/v1-tiny.yaml"], ["lightning.trainer.max_steps"])
     merged = load_config([ROOT / "configs/tiny/v1-tiny.yaml"], ["model.params.learning_rate=0.5"])
     assert merged.model.params.learning_rate == 0.5
+
+
+def test_cached_latents_encode_each_image_once_and_sample_the_same_posterior():
+    from tests.conftest import tiny_perfusion_model
+
+    model = tiny_perfusion_model("model.params.cache_latents=true")
+    calls = []
+    model.first_stage_model.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    flipped = images.flip(-1)
+    torch.manual_seed(1)
+    first = model.training_latents(images)
+    torch.manual_seed(1)
+    again = model.training_latents(images)
+    model.training_latents(torch.cat([flipped[:1], images[1:]]))   # one new image: a flip
+    assert calls == [3, 1]
+    assert torch.equal(first, again)
+    torch.manual_seed(1)
+    model.cache_latents = False
+    assert torch.allclose(model.training_latents(images), first, atol=1e-5)   # the same posterior and noise

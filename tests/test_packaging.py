@@ -33,9 +33,11 @@ def test_readme_commands_name_existing_files():
 
 
 def test_readme_python_example_runs(monkeypatch):
-    """The README's Python block, executed as written (on the toy model it builds), from the repository."""
+    """The README's first Python block, executed as written (on the toy model it builds), from the repository.
+    The second (a diffusers pipeline) needs SD weights; tests/test_diffusers.py runs its calls on a tiny one."""
     readme = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    code, pipeline = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert "apply_concepts(pipe" in pipeline and "remove_concepts(pipe)" in pipeline
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)

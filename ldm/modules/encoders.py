@@ -61,8 +61,13 @@ class _FrozenTextEncoder(nn.Module):
     def forward(self, texts: str | Sequence[str]) -> torch.Tensor:
         return self.encode(texts)
 
+    def unused_keys(self) -> list[str]:
+        """State-dict names the encoding never reads (a diffusers folder need not carry them)."""
+        return []
+
     def fingerprint(self) -> str:
-        return fingerprint_tensors(self.state_dict())
+        unused = set(self.unused_keys())
+        return fingerprint_tensors({k: v for k, v in self.state_dict().items() if k not in unused})
 
     def _check_inputs(self, tokens: torch.Tensor, embeds: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[1] != self.max_length:
@@ -177,6 +182,14 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
     @property
     def token_embedding(self) -> nn.Embedding:
         return self.model.token_embedding
+
+    def unused_keys(self) -> list[str]:
+        """The contrastive head, and with `penultimate` the last block (diffusers' SD 2.x folders drop it)."""
+        keys = ["model.text_projection", "model.logit_scale"]
+        if self.layer == "penultimate":
+            last = f"model.transformer.resblocks.{len(self.model.transformer.resblocks) - 1}."
+            keys += [k for k in self.state_dict() if k.startswith(last)]
+        return keys
 
     def encode_embeddings(self, tokens: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Causal transformer over `embeds` + positional embedding, stopped at `self.layer`, then `ln_final`."""

@@ -54,6 +54,7 @@ class LatentDiffusion(pl.LightningModule):
         mask_floor: float = 0.0,
         cond_stage_trainable: bool = False,
         first_stage_ckpt: str | None = None,
+        cache_latents: bool = False,
     ):
         super().__init__()
         if parameterization not in ("eps", "v"):
@@ -69,6 +70,10 @@ class LatentDiffusion(pl.LightningModule):
         if not 0.0 <= mask_floor <= 1.0:
             raise UserError(f"mask_floor must be in [0, 1], got {mask_floor}")
         self.mask_floor = mask_floor
+        # With cache_latents, each distinct training image (a flip is another image) is encoded once
+        # per run: its posterior's mean and std are kept, and only the sampling repeats every step.
+        self.cache_latents = cache_latents
+        self._latents: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
@@ -111,6 +116,24 @@ class LatentDiffusion(pl.LightningModule):
         posterior = self.first_stage_model.encode(x)
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return self.scale_factor * z
+
+    @torch.no_grad()
+    def training_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior samples of training images, as `encode_first_stage`; with `cache_latents`
+        the autoencoder sees each distinct image once (keyed by its bytes)."""
+        if not self.cache_latents:
+            return self.encode_first_stage(x)
+        import hashlib
+
+        keys = [hashlib.blake2b(img.cpu().numpy().tobytes(), digest_size=16).digest() for img in x]
+        new = [i for i, key in enumerate(keys) if key not in self._latents]
+        if new:
+            posterior = self.first_stage_model.encode(x[new])
+            for j, i in enumerate(new):
+                self._latents[keys[i]] = (posterior.mean[j], posterior.std[j])
+        mean = torch.stack([self._latents[k][0] for k in keys])
+        std = torch.stack([self._latents[k][1] for k in keys])
+        return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
@@ -186,7 +209,7 @@ class LatentDiffusion(pl.LightningModule):
 
     # ----------------------------------------------------------------- training (plain fine-tuning)
     def shared_step(self, batch):
-        z = self.encode_first_stage(batch[self.first_stage_key])
+        z = self.training_latents(batch[self.first_stage_key])
         cond = self.get_learned_conditioning(batch[self.cond_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         return self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)

@@ -306,7 +306,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.activate_training_concept()
         if self.bank.active:
             cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
-        z = self.encode_first_stage(batch[self.first_stage_key])
+        z = self.training_latents(batch[self.first_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
         if not torch.isfinite(loss):
