@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py concept-size --config configs/perfusion_teddy.yaml --out /tmp/concept.safetensors
     python scripts/benchmark.py train-step   --config configs/tiny/perfusion-tiny.yaml
+    python scripts/benchmark.py train-memory --config configs/perfusion_teddy.yaml model.params.covariance_path=null
     python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml [--concepts 2]
     python scripts/benchmark.py ema          --config configs/toy/ldm.yaml
     python scripts/benchmark.py eval-overhead --config configs/tiny/perfusion-tiny.yaml
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.build import build_model, load_config  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
@@ -114,6 +116,27 @@ def train_step(args) -> int:
     print(f"ratio perfusion / before latent caching = {med['perfusion'] / med['uncached']:.3f} "
           f"(that step: {med['uncached'] * 1e3:.1f} ms)")
     print(f"peak memory: {_peak_memory()}")
+    return 0
+
+
+def train_memory(args) -> int:
+    """Peak memory of Perfusion training steps alone (the frozen model, its activations, the concept's
+    optimizer state), with the config's gradient checkpointing; on the CPU the process's peak RSS."""
+    config = load_config([args.config], args.overrides)
+    model = build_model(config, seed=0).train()
+    model.ensure_covariance()
+    built = _peak_memory()
+    side = model.image_size * model.first_stage_model.downsample_factor
+    batch, opt = _batch(model, args.batch_size, side), model.configure_optimizers()
+    for _ in range(args.steps):
+        loss = model.shared_step(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    checkpointing = OmegaConf.select(config, "model.params.unet_config.params.use_checkpoint", default=False)
+    print(f"config: {args.config}, {side} px, batch {args.batch_size}, {args.steps} steps, "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}")
+    print(f"peak memory after building: {built}; after the training steps: {_peak_memory()}")
     return 0
 
 
@@ -271,10 +294,10 @@ def eval_overhead(args) -> int:
 
 def _peak_memory() -> str:
     if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA, all variants)"
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA, all variants so far)"
     import resource
 
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS, all variants)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS, all variants so far)"
 
 
 def _at_least(least: int):
@@ -302,6 +325,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_size", type=_at_least(1), default=4)
     s.add_argument("--repeats", type=_at_least(1), default=7)
     s.set_defaults(func=train_step)
+    s = sub.add_parser("train-memory", help="peak memory of Perfusion training steps")
+    s.add_argument("--config", required=True)
+    s.add_argument("--batch_size", type=_at_least(1), default=1)
+    s.add_argument("--steps", type=_at_least(1), default=2)
+    s.set_defaults(func=train_memory)
     s = sub.add_parser("sample", help="time of Perfusion sampling relative to the base model's")
     s.add_argument("--config", required=True)
     s.add_argument("--batch_size", type=_at_least(1), default=2)

@@ -27,6 +27,19 @@ def test_ema_benchmark_times_both_updates_and_they_agree(capsys):
     assert diff < 1e-5   # the same average, up to float rounding
 
 
+def test_training_benchmarks_time_the_cached_step_and_report_memory(capsys):
+    tiny = str(ROOT / "configs/tiny/perfusion-tiny.yaml")
+    cheap = "model.params.covariance_max_captions=100"
+    assert _script().main(["train-step", "--config", tiny, "--repeats", "1", "--batch_size", "1", cheap]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"ratio perfusion / before latent caching = ([\d.]+) \(that step: ([\d.]+) ms\)", out)
+    assert found and float(found[1]) > 0 and float(found[2]) > 0, out
+    assert _script().main(["train-memory", "--config", tiny, "--steps", "1", cheap]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"32 px, batch 1, 1 steps, gradient checkpointing off\n"
+                     r"peak memory after building: \d+ MiB .*; after the training steps: \d+ MiB", out), out
+
+
 def test_bad_counts_are_one_line_errors(capsys):
     script = _script()
     for argv, message in ((["ema", "--repeats", "1"], "--repeats: expected a whole number >= 2, got '1'"),
