@@ -70,16 +70,29 @@ def per_concept(values: Sequence[float] | float, n: int, name: str) -> list[floa
     return values
 
 
-def check_fingerprints(model, concepts: Sequence[Concept], names: Sequence[str]) -> None:
-    """Refuse concepts trained on another U-Net, text encoder or covariance than `model` has."""
-    model.ensure_covariance()
-    mine = model.fingerprints()
+def read_concepts(concepts: Sequence[str | Path | Concept], names: Sequence[str] | None = None
+                  ) -> tuple[list[Concept], list[str]]:
+    """Concept files (or Concept objects) and the names errors give them: their paths, or 'concept n'."""
+    if names is None:
+        names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
+    return [c if isinstance(c, Concept) else load_concept(c) for c in concepts], list(names)
+
+
+def compare_fingerprints(mine: dict[str, str], concepts: Sequence[Concept], names: Sequence[str],
+                         whose: str = "this model's", hints: dict[str, str] = FINGERPRINT_HINTS) -> None:
+    """Refuse concepts whose unet, text_encoder or covariance fingerprint is not in `mine`."""
     for name, concept in zip(names, concepts):
         for part, value in mine.items():
             theirs = concept.fingerprints.get(part) or "none"
             if theirs != value:
-                raise ConceptError(f"{name}: trained with {part} fingerprint {theirs}, but this model's is "
-                                   f"{value} ({FINGERPRINT_HINTS[part]})")
+                raise ConceptError(f"{name}: trained with {part} fingerprint {theirs}, but {whose} is "
+                                   f"{value} ({hints[part]})")
+
+
+def check_fingerprints(model, concepts: Sequence[Concept], names: Sequence[str]) -> None:
+    """Refuse concepts trained on another U-Net, text encoder or covariance than `model` has."""
+    model.ensure_covariance()
+    compare_fingerprints(model.fingerprints(), concepts, names)
 
 
 def _check_shapes(model, concept: Concept, name: str) -> None:
@@ -140,13 +153,11 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     if not hasattr(model, "bank"):
         raise UserError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
                          "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
-    if names is None:
-        names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
     n = len(concepts)
     if not 1 <= n <= len(PLACEHOLDER_TOKENS):
         raise UserError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
     betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
-    loaded = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
+    loaded, names = read_concepts(concepts, names)
     methods = {c.method for c in loaded}
     if "embedding" in methods and len(methods) > 1:
         raise UserError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "

@@ -19,6 +19,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.concepts import ConceptError, save_concept
 from ldm.covariance import estimate_covariance, save_covariance
 from ldm.interop.diffusers import apply_concepts, cross_attention_names, remove_concepts
+from ldm.interop.diffusers_folder import DiffusersFolderError
 from ldm.models.diffusion.guidance import initial_noise, make_generator
 from tests.conftest import ROOT, TINY_PERFUSION, TINY_V1, TINY_V2, perfusion_batch
 from tests.diffusers_tiny import tiny_folder
@@ -103,7 +104,7 @@ def test_folder_that_does_not_fit_gets_one_line(folders, tmp_path):
     broken = tmp_path / "broken"
     (broken / "unet").mkdir(parents=True)
     (broken / "model_index.json").write_text("{}")
-    with pytest.raises(Exception, match=r"broken/unet: no weights found"):
+    with pytest.raises(DiffusersFolderError, match=r"broken/unet: no weights found"):
         build_model(load_config([TINY_V1]), ckpt=broken)
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.concepts import Concept, ConceptError, load_concept
+from ldm.concepts import Concept, ConceptError
 from ldm.covariance import load_covariance
 from ldm.errors import UserError
 from ldm.interop.diffusers_folder import text_encoder_names, unet_names
@@ -30,6 +30,9 @@ from ldm.modules.perfusion import gated_rank1_edit
 from ldm.util import fingerprint_tensors
 
 _SECTIONS = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}
+_HINTS = {"unet": "another base model, or weights not in float32 when the concepts were applied",
+          "text_encoder": "another text encoder or SD version",
+          "covariance": "another covariance file than the concepts were trained with"}
 
 
 @dataclass
@@ -46,21 +49,35 @@ class AppliedConcepts:
 
 
 class PerfusionAttnProcessor:
-    """Cross-attention whose K and V are Perfusion's edited projections of the text encodings."""
+    """Cross-attention whose K and V are Perfusion's edited projections of the text encodings.
+
+    The pipeline hands every denoising step the same encodings tensor, so K and V are computed
+    once per prompt (kept for the last tensor seen, as ConceptBank does), and the targets are
+    moved once to the device the pipeline runs on."""
 
     def __init__(self, i_star, o_key, o_value, C_inv, beta, tau, exact: bool):
-        self.i_star, self.o_key, self.o_value, self.C_inv = i_star, o_key, o_value, C_inv
+        self.targets = {i_star.device: (i_star, o_key, o_value, C_inv)}
         self.beta, self.tau, self.exact = beta, tau, exact
+        self._seen: tuple | None = None   # (encodings, their version, K, V)
+
+    def edited_key_value(self, attn, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        version = None if e.is_inference() else e._version
+        if self._seen is not None and self._seen[0] is e and self._seen[1] == version:
+            return self._seen[2], self._seen[3]
+        if e.device not in self.targets:
+            self.targets[e.device] = tuple(t.to(e.device) for t in next(iter(self.targets.values())))
+        i_star, o_key, o_value, C_inv = self.targets[e.device]
+        edit = dict(i_star=i_star, C_inv=C_inv, beta=self.beta, tau=self.tau, exact=self.exact)
+        key = gated_rank1_edit(e, attn.to_k.weight, o_star=o_key, **edit).to(e.dtype)
+        value = gated_rank1_edit(e, attn.to_v.weight, o_star=o_value, **edit).to(e.dtype)
+        self._seen = (e, version, key, value)
+        return key, value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None or attention_mask is not None or attn.norm_cross or attn.group_norm \
                 or attn.spatial_norm:
             raise ValueError("PerfusionAttnProcessor serves SD's text cross-attention only")
-        e = encoder_hidden_states
-        edit = dict(i_star=self.i_star.to(e.device), C_inv=self.C_inv.to(e.device), beta=self.beta, tau=self.tau,
-                    exact=self.exact)
-        key = gated_rank1_edit(e, attn.to_k.weight, o_star=self.o_key.to(e.device), **edit).to(e.dtype)
-        value = gated_rank1_edit(e, attn.to_v.weight, o_star=self.o_value.to(e.device), **edit).to(e.dtype)
+        key, value = self.edited_key_value(attn, encoder_hidden_states)
         query = attn.to_q(hidden_states)
         b, heads = query.shape[0], attn.heads
         split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)   # noqa: E731
@@ -104,13 +121,12 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     `covariance`: the file the concepts were trained with (its fingerprint is checked).
     """
     from ldm.evaluation.harness import choose_gates
-    from ldm.inference import per_concept
+    from ldm.inference import compare_fingerprints, per_concept, read_concepts
 
     if getattr(pipe, "_perfusion", None) is not None:
         raise UserError("this pipeline already has Perfusion concepts; remove_concepts(pipe) first")
     files = [files] if isinstance(files, (str, Path, Concept)) else list(files)
-    names = [str(f) if not isinstance(f, Concept) else f"concept {n + 1}" for n, f in enumerate(files)]
-    concepts = [f if isinstance(f, Concept) else load_concept(f) for f in files]
+    concepts, names = read_concepts(files)
     n = len(concepts)
     if tokens is None:
         tokens = [f"<{Path(f).stem}>" if not isinstance(f, Concept) else f"<concept-{i + 1}>" for i, f in enumerate(files)]
@@ -123,13 +139,8 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     betas, taus, _ = choose_gates(concepts, betas, taus)
 
     C, C_inv, _ = load_covariance(covariance)
-    mine = pipeline_fingerprints(pipe) | {"covariance": fingerprint_tensors({"C": C})}
-    for name, concept in zip(names, concepts):
-        for part, value in mine.items():
-            if concept.fingerprints.get(part, "none") != value:
-                raise ConceptError(f"{name}: trained with {part} fingerprint {concept.fingerprints.get(part)}, but "
-                                   f"the pipeline's is {value} (another base model, or weights not in float32 "
-                                   "when the concept was applied)")
+    compare_fingerprints(pipeline_fingerprints(pipe) | {"covariance": fingerprint_tensors({"C": C})}, concepts, names,
+                         "the pipeline's", _HINTS)
     layers = cross_attention_names(pipe.unet)
     modules = dict(pipe.unet.named_modules())
     if any(len(c.o_star_v) != len(layers) for c in concepts):

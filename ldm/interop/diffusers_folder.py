@@ -136,7 +136,10 @@ def _count(tensors: Mapping[str, torch.Tensor], pattern: str) -> set[tuple[int, 
 
 def unet_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """UNet2DConditionModel names -> `model.diffusion_model.*` (input/middle/output blocks)."""
-    per_level = 1 + max(j for _, j in _count(tensors, r"down_blocks\.(\d+)\.resnets\.(\d+)\."))
+    down_resnets = _count(tensors, r"down_blocks\.(\d+)\.resnets\.(\d+)\.")
+    if not down_resnets:
+        raise DiffusersFolderError("unet: no down_blocks.*.resnets.* weights; not a UNet2DConditionModel")
+    per_level = 1 + max(j for _, j in down_resnets)
     up_attention = _count(tensors, r"up_blocks\.(\d+)\.attentions\.(\d+)\.")
 
     def down(m):   # input block 0 is conv_in; each level has per_level res blocks, then a downsampler
@@ -160,9 +163,9 @@ def unet_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if kind == "resnets":
             name, _, leaf = rest.lstrip(".").partition(".")
             return f".{_RESNET[name]}.{leaf}"
-        if kind in ("downsamplers", "upsamplers"):
-            return rest.replace(".conv.", ".", 1) if kind == "downsamplers" else rest
-        return rest   # attention blocks keep their names (norm, proj_in, transformer_blocks.*, proj_out)
+        if kind == "downsamplers":   # input_blocks.k.0.op is the convolution itself
+            return rest.replace(".conv.", ".", 1)
+        return rest   # attention blocks and upsamplers keep their names (norm, proj_in, ..., conv)
 
     rules = [
         (r"conv_in\.(weight|bias)", r"input_blocks.0.0.\1"),
@@ -173,7 +176,7 @@ def unet_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (r"conv_norm_out\.(weight|bias)", r"out.0.\1"),
         (r"conv_out\.(weight|bias)", r"out.2.\1"),
         (r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)(\..*)", down),
-        (rf"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)(\..*)", up),
+        (r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)(\..*)", up),
         (r"mid_block\.(resnets|attentions)\.(\d+)(\..*)", mid),
     ]
     return _rename(tensors, rules, "model.diffusion_model.", "unet")
@@ -181,7 +184,10 @@ def unet_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def vae_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AutoencoderKL names -> `first_stage_model.*`; the decoder's levels run in reverse order there."""
-    levels = 1 + max(i for (i,) in _count(tensors, r"decoder\.up_blocks\.(\d+)\."))
+    decoder_levels = _count(tensors, r"decoder\.up_blocks\.(\d+)\.")
+    if not decoder_levels:
+        raise DiffusersFolderError("vae: no decoder.up_blocks.* weights; not an AutoencoderKL")
+    levels = 1 + max(i for (i,) in decoder_levels)
     attention = "|".join(re.escape(k) for k in _VAE_ATTENTION)
 
     def resnet(m):
