@@ -90,6 +90,7 @@ def normalize_keys(state: Mapping[str, torch.Tensor], ema_names: Iterable[str] =
     """Map the naming variants of real checkpoints onto this project's names.
 
     - `cond_stage_model.transformer.text_model.*` (the CompVis releases, transformers 4.x names) -> `cond_stage_model.transformer.*`
+    - SDXL's `conditioner.*` -> `cond_stage_model.*` (and its CLIP's `text_model.` dropped likewise)
     - `*.position_ids` and the diffusion-schedule buffers are dropped (recomputed from the config).
     - `model_ema.*` copies are dropped, or with `use_ema` replace the U-Net weights; LitEma stores
       them with the dots removed, so `ema_names` (the model's `model.*` parameter names) resolve them.
@@ -101,7 +102,11 @@ def normalize_keys(state: Mapping[str, torch.Tensor], ema_names: Iterable[str] =
             continue
         if key.endswith(".position_ids") or key in SCHEDULE_BUFFERS:
             continue
-        out[key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = value
+        if key.startswith("conditioner."):   # SDXL: sgm's name for the text conditioning
+            key = "cond_stage_model." + key[len("conditioner."):]
+        for text_model in ("cond_stage_model.transformer.text_model.", "cond_stage_model.embedders.0.transformer.text_model."):
+            key = key.replace(text_model, text_model[:-len("text_model.")])
+        out[key] = value
     if use_ema:
         by_flat = {name[len("model."):].replace(".", ""): name for name in ema_names if name.startswith("model.")}
         found = {by_flat[k]: v for k, v in ema.items() if k in by_flat}
@@ -111,14 +116,30 @@ def normalize_keys(state: Mapping[str, torch.Tensor], ema_names: Iterable[str] =
     return out
 
 
+def original_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This project's names -> those of the published checkpoints (the inverse of `normalize_keys`'s
+    renaming): CLIP's `text_model.` back in, and SDXL's text conditioning under `conditioner.`."""
+    out = {}
+    for key, value in state.items():
+        for clip in ("cond_stage_model.transformer.", "cond_stage_model.embedders.0.transformer."):
+            if key.startswith(clip):
+                key = clip + "text_model." + key[len(clip):]
+        if key.startswith("cond_stage_model.embedders."):
+            key = "conditioner." + key[len("cond_stage_model."):]
+        out[key] = value
+    return out
+
+
 def sd_version(state: Mapping[str, torch.Tensor]) -> str | None:
-    """'SD 1.x' or 'SD 2.x' from the text encoder's names (or the context width), None if unknown."""
+    """'SD 1.x', 'SD 2.x' or 'SDXL' from the text encoder's names (or the context width), None if unknown."""
+    if any(k.startswith("cond_stage_model.embedders.") for k in state):
+        return "SDXL"
     if any(k.startswith("cond_stage_model.model.") for k in state):
         return "SD 2.x"
     if any(k.startswith("cond_stage_model.transformer.") for k in state):
         return "SD 1.x"
     w = state.get(_CONTEXT_KEY)
-    return None if w is None else {768: "SD 1.x", 1024: "SD 2.x"}.get(int(w.shape[1]))
+    return None if w is None else {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(int(w.shape[1]))
 
 
 def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str,

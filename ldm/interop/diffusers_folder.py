@@ -1,6 +1,7 @@
 """Reading a diffusers-format Stable Diffusion folder as an original-layout state dict.
 
-A folder with `model_index.json`, `unet/`, `vae/`, `text_encoder/` (and `scheduler/`) is read
+A folder with `model_index.json`, `unet/`, `vae/`, `text_encoder/` (SDXL: and `text_encoder_2/`;
+and `scheduler/`) is read
 part by part (safetensors, or `.bin` pickles opened with `weights_only=True`) and its parameter
 names are mapped onto the CompVis names this project uses (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.*`), so no conversion step and no diffusers import are
@@ -21,6 +22,7 @@ _WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model", ),
     "vae": ("diffusion_pytorch_model", ),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -38,15 +40,17 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 
 def read_diffusers_folder(path: str | Path) -> dict[str, torch.Tensor]:
-    """The U-Net, VAE and text encoder of a diffusers SD 1.x / 2.x folder, under this project's names."""
+    """The U-Net, VAE and text encoder(s) of a diffusers SD 1.x / 2.x / XL folder, under this project's
+    names; SDXL's two encoders become `cond_stage_model.embedders.0` and `.1`."""
     path = Path(path)
     state: dict[str, torch.Tensor] = {}
-    for part, convert in (("unet", unet_names), ("vae", vae_names), ("text_encoder", None)):
+    for part, convert in (("unet", unet_names), ("vae", vae_names)):
+        state.update(convert(_read_part(path / part, _WEIGHT_FILES[part])))
+    xl = (path / "text_encoder_2").is_dir()
+    for i, part in enumerate(("text_encoder", "text_encoder_2") if xl else ("text_encoder",)):
         tensors = _read_part(path / part, _WEIGHT_FILES[part])
-        if convert is None:
-            state.update(text_encoder_names(tensors, _read_json(path / part / "config.json")))
-        else:
-            state.update(convert(tensors))
+        prefix = f"cond_stage_model.embedders.{i}." if xl else "cond_stage_model."
+        state.update(text_encoder_names(tensors, _read_json(path / part / "config.json"), prefix))
     betas = _betas(scheduler_config(path))
     if betas is not None:   # checked against the config's schedule like a checkpoint's buffer
         state["betas"] = betas
@@ -216,17 +220,22 @@ def vae_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_names(tensors: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """CLIPTextModel names -> `cond_stage_model.*`.
+def text_encoder_names(tensors: Mapping[str, torch.Tensor], config: Mapping,
+                       prefix: str = "cond_stage_model.") -> dict[str, torch.Tensor]:
+    """CLIPTextModel names -> `<prefix>*`.
 
-    An SD 1.x encoder (quick_gelu) is the same transformers model here. An SD 2.x encoder (gelu) is
-    the OpenCLIP text tower saved as a CLIPTextModel without its last block, which SD 2.x skips
-    (penultimate layer): its names map onto open_clip's, q/k/v stacked into one input projection.
+    A CLIP encoder (quick_gelu: SD 1.x, SDXL's first) is the same transformers model here. An OpenCLIP
+    encoder (gelu) is the OpenCLIP text tower saved as a CLIPTextModel (SD 2.x: without its last
+    block, which it skips) or, SDXL's second, a CLIPTextModelWithProjection: its names map onto
+    open_clip's, q/k/v stacked into one input projection, the projection transposed.
     """
     tensors = {k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
     if config.get("hidden_act", "quick_gelu") == "quick_gelu":
-        return {f"cond_stage_model.transformer.{k}": v for k, v in tensors.items()}
+        return {f"{prefix}transformer.{k}": v for k, v in tensors.items()}
     out = {}
+    projection = tensors.pop("text_projection.weight", None)
+    if projection is not None:   # open_clip stores x @ P, transformers a Linear (P^T)
+        out[f"{prefix}model.text_projection"] = projection.T.contiguous()
     layer = r"encoder\.layers\.(\d+)\."
     rules = [
         (r"embeddings\.token_embedding\.weight", "token_embedding.weight"),
@@ -239,10 +248,10 @@ def text_encoder_names(tensors: Mapping[str, torch.Tensor], config: Mapping) -> 
         (layer + r"mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
     ]
     qkv = {k: v for k, v in tensors.items() if re.search(r"self_attn\.[qkv]_proj\.", k)}
-    out.update(_rename({k: v for k, v in tensors.items() if k not in qkv}, rules, "cond_stage_model.model.",
+    out.update(_rename({k: v for k, v in tensors.items() if k not in qkv}, rules, f"{prefix}model.",
                        "text_encoder"))
     for block, in sorted(_count(qkv, layer + r"self_attn\.q_proj\.")):
         for leaf in ("weight", "bias"):
             parts = [qkv[f"encoder.layers.{block}.self_attn.{p}_proj.{leaf}"] for p in "qkv"]
-            out[f"cond_stage_model.model.transformer.resblocks.{block}.attn.in_proj_{leaf}"] = torch.cat(parts)
+            out[f"{prefix}model.transformer.resblocks.{block}.attn.in_proj_{leaf}"] = torch.cat(parts)
     return out

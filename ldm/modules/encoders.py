@@ -78,7 +78,8 @@ class _FrozenTextEncoder(nn.Module):
 
 
 class FrozenCLIPEmbedder(_FrozenTextEncoder):
-    """SD 1.x text encoder: CLIP text transformer, output = last hidden state after the final LayerNorm.
+    """SD 1.x text encoder: CLIP text transformer, output = last hidden state after the final LayerNorm;
+    `layer="penultimate"` (SDXL's first encoder) is the output of the next-to-last layer, no LayerNorm.
 
     Defaults are CLIP ViT-L/14's text model. `self.transformer` is a `transformers.CLIPTextModel`,
     whose parameters are named `embeddings.*`, `encoder.layers.N.*`, `final_layer_norm.*`, matching
@@ -94,8 +95,12 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         intermediate_size: int = 3072,
         hidden_act: str = "quick_gelu",
         max_length: int = 77,
+        layer: str = "last",
     ):
         super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise UserError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        self.layer = layer
         self.tokenizer = CLIPTokenizer(max_length, pad_with_eot=True)
         if vocab_size < self.tokenizer.vocab_size:
             raise UserError(f"vocab_size {vocab_size} is smaller than the CLIP tokenizer's {self.tokenizer.vocab_size}")
@@ -122,6 +127,13 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.embeddings.token_embedding
 
+    def unused_keys(self) -> list[str]:
+        """With `penultimate`, the last layer and the final LayerNorm."""
+        if self.layer == "last":
+            return []
+        last = f"transformer.encoder.layers.{self.transformer.config.num_hidden_layers - 1}."
+        return [k for k in self.state_dict() if k.startswith((last, "transformer.final_layer_norm."))]
+
     def encode_embeddings(self, tokens: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Causal transformer over `embeds` + position embeddings, then the final LayerNorm."""
         self._check_inputs(tokens, embeds)
@@ -133,8 +145,19 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         # arguments change between releases) is involved.
         n = hidden.shape[1]
         mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype).triu(1)
-        hidden = self.transformer.encoder(inputs_embeds=hidden, attention_mask=mask[None, None]).last_hidden_state
-        return self.transformer.final_layer_norm(hidden)
+        if self.layer == "last":
+            hidden = self.transformer.encoder(inputs_embeds=hidden, attention_mask=mask[None, None]).last_hidden_state
+            return self.transformer.final_layer_norm(hidden)
+        # The next-to-last layer's output, read by a hook (transformers' hidden-state outputs and
+        # layer signatures change between releases; a layer's output is a tensor or a tuple).
+        seen = []
+        hook = self.transformer.encoder.layers[-2].register_forward_hook(
+            lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            self.transformer.encoder(inputs_embeds=hidden, attention_mask=mask[None, None])
+        finally:
+            hook.remove()
+        return seen[0]
 
 
 class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
@@ -143,7 +166,9 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
     Defaults are OpenCLIP ViT-H/14's text tower. `self.model` is an `open_clip.model.CLIP` without its
     vision tower; its `text_projection` and `logit_scale` are unused but kept so that the state dict
     matches `cond_stage_model.model.*` in SD 2.x checkpoints. `layer="penultimate"` (SD 2.x) skips the
-    last residual block; `layer="last"` runs all of them. Prompts are padded with 0.
+    last residual block; `layer="last"` runs all of them. Prompts are padded with 0. SDXL's second
+    encoder (ViT-bigG/14) leaves out `ln_final` (`final_norm=False`) and also gives the pooled
+    embedding (`encode_pooled`), which reads the projection head.
     """
 
     LAYERS = ("last", "penultimate")
@@ -157,6 +182,7 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         max_length: int = 77,
         embed_dim: int = 1024,
         layer: str = "penultimate",
+        final_norm: bool = True,
     ):
         super().__init__()
         if layer not in self.LAYERS:
@@ -174,6 +200,7 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         self.model = open_clip.model.CLIP(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
         del self.model.visual
         self.layer = layer
+        self.final_norm = final_norm
         self.max_length = max_length
         self.width = width
         self.output_dim = width
@@ -184,7 +211,10 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         return self.model.token_embedding
 
     def unused_keys(self) -> list[str]:
-        """The contrastive head, and with `penultimate` the last block (diffusers' SD 2.x folders drop it)."""
+        """The contrastive head, and with `penultimate` the last block (diffusers' SD 2.x folders drop
+        it); with `final_norm=False` (SDXL) the pooled embedding reads them all, so only `logit_scale`."""
+        if not self.final_norm:
+            return ["model.logit_scale"]
         keys = ["model.text_projection", "model.logit_scale"]
         if self.layer == "penultimate":
             last = f"model.transformer.resblocks.{len(self.model.transformer.resblocks) - 1}."
@@ -192,7 +222,16 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         return keys
 
     def encode_embeddings(self, tokens: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """Causal transformer over `embeds` + positional embedding, stopped at `self.layer`, then `ln_final`."""
+        """Causal transformer over `embeds` + positional embedding, stopped at `self.layer`, then `ln_final`
+        (unless `final_norm=False`)."""
+        return self._run(tokens, embeds, pooled=False)[0]
+
+    def encode_pooled(self, tokens: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encodings as `encode_embeddings`, pooled (B, embed_dim)): every block, `ln_final`, the end
+        token's row (the highest id), through `text_projection`, as CLIP pools."""
+        return self._run(tokens, embeds, pooled=True)
+
+    def _run(self, tokens: torch.Tensor, embeds: torch.Tensor, pooled: bool):
         self._check_inputs(tokens, embeds)
         x = embeds + self.model.positional_embedding.to(embeds.dtype)
         # Causal mask built per call (not the non-persistent `attn_mask` buffer, which is left
@@ -202,4 +241,10 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         n_blocks = len(blocks) - 1 if self.layer == "penultimate" else len(blocks)
         for block in blocks[:n_blocks]:
             x = block(x, attn_mask=mask)
-        return self.model.ln_final(x)
+        context = self.model.ln_final(x) if self.final_norm else x
+        if not pooled:
+            return context, None
+        for block in blocks[n_blocks:]:
+            x = block(x, attn_mask=mask)
+        end = self.model.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return context, end @ self.model.text_projection.to(end.dtype)

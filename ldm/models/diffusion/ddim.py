@@ -24,7 +24,7 @@ class DDIMSampler:
                progress=False):
         model = self.model
         denoise = GuidedDenoiser(model, cond, uncond, scale)
-        device = cond.device
+        device = denoise.device
         timesteps = ddim_timesteps(model.num_timesteps, steps).clamp_max(model.num_timesteps - 1)
         alphas = model.alphas_cumprod.double().cpu()
         x = initial_noise(shape, device, generator) if x_T is None else x_T.to(device)

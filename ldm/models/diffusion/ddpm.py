@@ -26,8 +26,8 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
 
-    def forward(self, x, t, context):
-        return self.diffusion_model(x, timesteps=t, context=context)
+    def forward(self, x, t, context, y=None):
+        return self.diffusion_model(x, timesteps=t, context=context, y=y)
 
 
 def scaled_linear_betas(timesteps: int, linear_start: float, linear_end: float) -> torch.Tensor:

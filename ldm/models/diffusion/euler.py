@@ -43,7 +43,7 @@ class EulerSampler:
         """(guided denoiser, the Karras sigmas, x at the first sigma) of a run."""
         denoise = GuidedDenoiser(self.model, cond, uncond, scale)
         sigmas = karras_sigmas(float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp()), steps)
-        noise = initial_noise(shape, cond.device, generator) if x_T is None else x_T.to(cond.device)
+        noise = initial_noise(shape, denoise.device, generator) if x_T is None else x_T.to(denoise.device)
         return denoise, sigmas, noise * float(sigmas[0])
 
     @torch.no_grad()

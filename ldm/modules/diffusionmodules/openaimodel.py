@@ -74,18 +74,20 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """Text-conditioned denoising U-Net of Stable Diffusion 1.x / 2.x.
+    """Text-conditioned denoising U-Net of Stable Diffusion 1.x / 2.x / XL.
 
     attention_resolutions lists the downsampling factors (1, 2, 4, ...) at which a
     SpatialTransformer follows each ResBlock. Exactly one of num_heads / num_head_channels
-    is given (the other stays -1).
+    is given (the other stays -1). `transformer_depth` is one depth or one per level (SDXL:
+    0, 2, 10); the middle block takes the last level's. `adm_in_channels` (SDXL: 2816) adds
+    `label_emb`, an MLP of the vector `y` added to the timestep embedding.
     """
 
     def __init__(self, in_channels: int, out_channels: int, model_channels: int, attention_resolutions,
                  num_res_blocks: int, channel_mult, context_dim: int, num_heads: int = -1,
-                 num_head_channels: int = -1, transformer_depth: int = 1, dropout: float = 0.0,
+                 num_head_channels: int = -1, transformer_depth=1, dropout: float = 0.0,
                  use_linear_in_transformer: bool = False, use_checkpoint: bool = False,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, adm_in_channels: int | None = None):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
             raise UserError(f"set exactly one of num_heads ({num_heads}) and num_head_channels "
@@ -99,13 +101,18 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.num_levels = len(channel_mult)
+        depths = [int(transformer_depth)] * len(channel_mult) if isinstance(transformer_depth, int) \
+            else [int(d) for d in transformer_depth]
+        if len(depths) != len(channel_mult) or min(depths) < 0:
+            raise UserError(f"transformer_depth must be one depth or one per level ({len(channel_mult)}), "
+                            f"each >= 0, got {transformer_depth}")
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             if num_head_channels == -1:
                 heads, d_head = num_heads, ch // num_heads
             else:
                 heads, d_head = ch // num_head_channels, num_head_channels
-            return SpatialTransformer(ch, heads, d_head, context_dim, depth=transformer_depth,
+            return SpatialTransformer(ch, heads, d_head, context_dim, depth=depth,
                                       dropout=dropout, use_linear=use_linear_in_transformer,
                                       use_checkpoint=use_checkpoint, upcast_attention=upcast_attention)
 
@@ -115,6 +122,10 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        self.adm_in_channels = adm_in_channels
+        if adm_in_channels:   # nested as in the checkpoints: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
@@ -124,8 +135,8 @@ class UNetModel(nn.Module):
             for _ in range(num_res_blocks):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                if ds in attention_resolutions and depths[level]:
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -133,15 +144,15 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), transformer(ch), resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), transformer(ch, depths[-1]), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                if ds in attention_resolutions and depths[level]:
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -151,10 +162,13 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict from noisy latents x (B, in_channels, H, W) at `timesteps` (B,) given context (B, N, context_dim)."""
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict from noisy latents x (B, in_channels, H, W) at `timesteps` (B,) given context
+        (B, N, context_dim) and, with `adm_in_channels`, the vector y (B, adm_in_channels)."""
         if timesteps is None or context is None:
             raise UserError("UNetModel.forward needs both timesteps and context")
+        if (y is None) != (not self.adm_in_channels):
+            raise ValueError(f"y must be given exactly when adm_in_channels is set ({self.adm_in_channels})")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         factor = 2 ** (self.num_levels - 1)
@@ -166,6 +180,8 @@ class UNetModel(nn.Module):
 
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         h, context = x.to(dtype), context.to(dtype)
         skips = []
         for block in self.input_blocks:

@@ -1,0 +1,50 @@
+"""Latent diffusion as Stable Diffusion XL conditions it: a context of two text encoders and a vector
+of the pooled text embedding and the image's size conditioning (Podell et al. 2023, Sec. 2.2)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.sdxl_conditioner import size_vector
+
+
+class SDXLLatentDiffusion(LatentDiffusion):
+    """A conditioning is {"crossattn": (B, 77, 2048), "pooled": (B, 1280)}.
+
+    The size conditioning follows the image being denoised: original size = target size = the
+    latent's size in pixels, crop (0, 0), the defaults of SDXL sampling (and right for training on
+    images resized, not cropped, to the training size). `original_size`/`crop` (h, w) fix them instead.
+    An empty prompt's encodings are zeros (`zero_empty_prompt`), as SDXL base was trained to drop
+    its captions and as its sampling uses for the unconditional branch. `upcast_vae` decodes in
+    float32 with autocast off: the published SDXL VAE overflows to NaN in fp16 (a VAE fine-tuned
+    to stay finite in fp16, given as `first_stage_ckpt`, can set it false).
+    """
+
+    def __init__(self, *args, original_size: Sequence[int] | None = None, crop: Sequence[int] = (0, 0),
+                 zero_empty_prompt: bool = True, upcast_vae: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.original_size = tuple(original_size) if original_size else None
+        self.crop = tuple(crop)
+        self.zero_empty_prompt = zero_empty_prompt
+        self.upcast_vae = upcast_vae
+
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        cond = self.cond_stage_model.encode(list(prompts))
+        if self.zero_empty_prompt:
+            keep = torch.tensor([p != "" for p in prompts], device=cond["pooled"].device)
+            cond = {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in cond.items()}
+        return cond
+
+    def apply_model(self, x_noisy, t, cond):
+        factor = self.first_stage_model.downsample_factor
+        target = (x_noisy.shape[2] * factor, x_noisy.shape[3] * factor)
+        y = size_vector(cond["pooled"], self.original_size or target, self.crop, target)
+        return self.model(x_noisy, t, cond["crossattn"], y=y)
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.upcast_vae:
+            return super().decode_first_stage(z)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.first_stage_model.float().decode(z.float() / self.scale_factor)
