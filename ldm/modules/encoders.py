@@ -21,6 +21,12 @@ from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.util import fingerprint_tensors
 
 
+def fingerprint_used(module: nn.Module) -> str:
+    """The fingerprint of a text encoder's weights, leaving out the `unused_keys()` it never reads."""
+    unused = set(module.unused_keys())
+    return fingerprint_tensors({k: v for k, v in module.state_dict().items() if k not in unused})
+
+
 class _FrozenTextEncoder(nn.Module):
     """Shared behaviour: tokenizing, freezing, eval-only mode and input checks.
 
@@ -66,8 +72,7 @@ class _FrozenTextEncoder(nn.Module):
         return []
 
     def fingerprint(self) -> str:
-        unused = set(self.unused_keys())
-        return fingerprint_tensors({k: v for k, v in self.state_dict().items() if k not in unused})
+        return fingerprint_used(self)
 
     def _check_inputs(self, tokens: torch.Tensor, embeds: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[1] != self.max_length:

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
-from ldm.modules.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from ldm.util import fingerprint_tensors
+from ldm.modules.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, fingerprint_used
 
 SIZE_EMBEDDING = 256   # Fourier features per size value (sgm's ConcatTimestepEmbedderND outdim)
 
@@ -31,8 +30,6 @@ class SDXLConditioner(nn.Module):
                     "final_norm": False, **(openclip or {})}
         self.embedders = nn.ModuleList([FrozenCLIPEmbedder(**clip), FrozenOpenCLIPEmbedder(**openclip)])
         self.output_dim = sum(e.output_dim for e in self.embedders)
-        self.pooled_dim = self.embedders[1].model.text_projection.shape[1]
-        self.max_length = self.embedders[0].max_length
 
     def train(self, mode: bool = True):
         """Always stays in eval mode, as the encoders do."""
@@ -52,8 +49,7 @@ class SDXLConditioner(nn.Module):
         return [f"embedders.{i}.{k}" for i, e in enumerate(self.embedders) for k in e.unused_keys()]
 
     def fingerprint(self) -> str:
-        unused = set(self.unused_keys())
-        return fingerprint_tensors({k: v for k, v in self.state_dict().items() if k not in unused})
+        return fingerprint_used(self)
 
 
 def size_vector(pooled: torch.Tensor, original: tuple[int, int], crop: tuple[int, int],

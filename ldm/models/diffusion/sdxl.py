@@ -47,4 +47,5 @@ class SDXLLatentDiffusion(LatentDiffusion):
         if not self.upcast_vae:
             return super().decode_first_stage(z)
         with torch.autocast(z.device.type, enabled=False):
-            return self.first_stage_model.float().decode(z.float() / self.scale_factor)
+            self.first_stage_model.float()
+            return super().decode_first_stage(z.float())
