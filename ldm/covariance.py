@@ -175,7 +175,7 @@ def accumulate(encoder, captions: str | Path | Iterable[str], max_captions: int 
         captions = iter_captions(captions, max_captions)
     elif max_captions is not None:
         captions = itertools.islice(captions, max_captions)
-    device = encoder.token_embedding.weight.device
+    device = next(encoder.parameters()).device
     # float64 sums stay on CUDA; other accelerators (e.g. MPS) may lack float64, so those go to the CPU.
     acc = CovarianceAccumulator(encoder.output_dim, device=device if device.type == "cuda" else "cpu")
     digest = hashlib.sha256()

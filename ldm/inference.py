@@ -97,7 +97,7 @@ def check_fingerprints(model, concepts: Sequence[Concept], names: Sequence[str])
 
 def _check_shapes(model, concept: Concept, name: str) -> None:
     bank = model.bank
-    width = model.cond_stage_model.token_embedding.weight.shape[1]
+    width = model.cond_stage_model.token_embedding.embedding_dim
     d_ctx = bank.values[0].in_features
     outs = [v.out_features for v in bank.values]
     found = (concept.embedding.shape, concept.i_star.shape, concept.i_super.shape,
@@ -170,9 +170,8 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     tokens, ids = placeholder_tokens(model.cond_stage_model.tokenizer, n)
 
     device = model.bank.C_inv.device
-    embed_dtype = model.cond_stage_model.token_embedding.weight.dtype
     bank = model.bank
-    state = dict(rows={i: c.embedding.to(device, embed_dtype) for i, c in zip(ids, loaded)},
+    state = dict(rows={i: c.embedding.to(device, model.embedding.dtype) for i, c in zip(ids, loaded)},
                  words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact)
     edited = methods != {"embedding"}   # textual inversion: only the placeholder rows change
     if edited:

@@ -141,9 +141,14 @@ def train_memory(args) -> int:
 
 
 def _base_config(config):
-    """The plain LatentDiffusion of a Perfusion config: same networks, no concept machinery."""
+    """The plain LatentDiffusion (SDXL: SDXLLatentDiffusion) of a Perfusion config: same networks, no
+    concept machinery."""
+    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
+    from ldm.util import get_obj_from_str
+
+    base = next(c for c in get_obj_from_str(config.model.target).__mro__ if not issubclass(c, PerfusionLatentDiffusion))
     base_config = config.copy()
-    base_config.model.target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    base_config.model.target = f"{base.__module__}.{base.__qualname__}"
     base_config.model.params = {k: v for k, v in config.model.params.items()
                                 if k in ("unet_config", "first_stage_config", "cond_stage_config", "timesteps",
                                          "linear_start", "linear_end", "parameterization", "scale_factor",

@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from ldm.build import load_config
@@ -20,7 +19,7 @@ from ldm.concepts import Concept
 from ldm.covariance import estimate_covariance, save_covariance
 from ldm.inference import unload_concepts
 from ldm.models.diffusion.perfusion import superclass_token_ids
-from tests.conftest import ROOT, TINY_PERFUSION, perfusion_batch, tiny_perfusion_model
+from tests.conftest import ROOT, TINY_PERFUSION, tiny_perfusion_model, train_one_step
 
 _STATE: dict = {}
 
@@ -70,14 +69,7 @@ def trained_concept(superclass: str = "cat", seed: int = 0) -> Concept:
         model.superclass_ids = superclass_token_ids(model.cond_stage_model.tokenizer, superclass)
         model.initialized.fill_(False)   # a new concept: initialised again from its first batch
         try:
-            model.train()
-            opt = model.configure_optimizers()
-            torch.manual_seed(seed)
-            loss = model.shared_step(perfusion_batch(model, n=2, seed=seed))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            concept = model.concept()   # copies: the model's tensors change when the next concept trains
+            concept = train_one_step(model, seed).concept()   # copies: the model's tensors change when the next concept trains
             _STATE[key] = replace(concept, embedding=concept.embedding.detach().clone(),
                                   i_star=concept.i_star.clone(), i_super=concept.i_super.clone(),
                                   o_star_v=[v.detach().clone() for v in concept.o_star_v])

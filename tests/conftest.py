@@ -50,3 +50,15 @@ def perfusion_batch(model, n: int = 2, seed: int = 0):
         "caption": [fill(t, model.placeholder) for t in templates],
         "caption_super": [fill(t, model.superclass) for t in templates],
     }
+
+
+def train_one_step(model, seed: int = 0):
+    """One optimizer step of a Perfusion model on `perfusion_batch(model, 2, seed)`; the model stays in train mode."""
+    model.train()
+    opt = model.configure_optimizers()
+    torch.manual_seed(seed)
+    loss = model.shared_step(perfusion_batch(model, n=2, seed=seed))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return model

@@ -16,6 +16,9 @@ from tests.conftest import ROOT
     ("perfusion_teddy_sd_v2.yaml", "stable-diffusion/v2-inference.yaml"),
     ("perfusion_custom_sd_v2.yaml", "stable-diffusion/v2-inference.yaml"),
     ("tiny/perfusion-tiny.yaml", "tiny/v1-tiny.yaml"),
+    ("perfusion_teddy_sdxl.yaml", "stable-diffusion/sdxl-base.yaml"),
+    ("perfusion_custom_sdxl.yaml", "stable-diffusion/sdxl-base.yaml"),
+    ("tiny/perfusion-sdxl-tiny.yaml", "tiny/sdxl-tiny.yaml"),
 ])
 def test_perfusion_configs_are_overlays_on_their_model(config, model):
     merged = load_config([ROOT / "configs" / config]).model.params

@@ -21,7 +21,7 @@ from ldm.covariance import estimate_covariance, save_covariance
 from ldm.interop.diffusers import apply_concepts, cross_attention_names, remove_concepts
 from ldm.interop.diffusers_folder import DiffusersFolderError
 from ldm.models.diffusion.guidance import initial_noise, make_generator
-from tests.conftest import ROOT, TINY_PERFUSION, TINY_V1, TINY_V2, perfusion_batch
+from tests.conftest import ROOT, TINY_PERFUSION, TINY_V1, TINY_V2, train_one_step
 from tests.diffusers_tiny import tiny_folder
 
 CONFIGS = {1: TINY_V1, 2: TINY_V2}
@@ -138,14 +138,7 @@ def concept_run(folders, work):
                                  {"text_encoder_fingerprint": encoder.fingerprint()})
     model.covariance_path = str(covariance)
     model.ensure_covariance()
-    model.train()
-    opt = model.configure_optimizers()
-    torch.manual_seed(0)
-    loss = model.shared_step(perfusion_batch(model, n=2))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    concept = save_concept(work / "cat.safetensors", model.concept())
+    concept = save_concept(work / "cat.safetensors", train_one_step(model).concept())
     config_file = work / "perfusion.yaml"
     OmegaConf.save(load_config([TINY_PERFUSION], [f"model.params.covariance_path={covariance}",
                                                   f"model.ckpt={folders[1]}"]), config_file)

@@ -1,4 +1,5 @@
-"""Perfusion concepts in a diffusers `StableDiffusionPipeline` (diffusers is an optional extra).
+"""Perfusion concepts in a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+(diffusers is an optional extra).
 
     pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-folder", torch_dtype=torch.float32)
     applied = apply_concepts(pipe, ["teddy.safetensors"], covariance="ckpt/covariance.safetensors")
@@ -10,10 +11,15 @@ every cross-attention layer (attn2) gets a processor whose keys and values are E
 rank-1 edit (`gated_rank1_edit`, Appendix B for several concepts) with locked keys
 o*_K = W_K i_super. Fingerprints are those of the pipeline's float32 weights under this project's
 names, so a concept is checked against the pipeline exactly as against a checkpoint.
+
+In an SDXL pipeline the concept's 2048-d row is split between the two text encoders (768 + 1280),
+and the pooled embedding is the superclass prompt's (the word in place of each concept's token),
+as PerfusionSDXL conditions: the pipeline's `encode_prompt` is wrapped to compute it.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +48,9 @@ class AppliedConcepts:
     tokens: list[str]                # the prompt word of each concept, in file order
     betas: list[float]
     taus: list[float]
-    tokenizer: object                # the pipeline's tokenizer before the tokens were added
-    embeddings: torch.nn.Module      # the text encoder's input embeddings before
-    vocab_size: int
+    tokenizers: list                 # the pipeline's tokenizer(s) before the tokens were added
+    embeddings: list                 # each text encoder's input embeddings before
+    vocab_sizes: list[int]
     processors: dict                 # the U-Net's attention processors before
 
 
@@ -104,12 +110,42 @@ def cross_attention_names(unet) -> list[str]:
     return [name for _, name in sorted(layers)]
 
 
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders: one (SD 1.x / 2.x) or two (SDXL)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    return [pipe.text_encoder] + ([second] if second is not None else [])
+
+
+def tokenizers(pipe) -> list:
+    second = getattr(pipe, "tokenizer_2", None)
+    return [pipe.tokenizer] + ([second] if second is not None else [])
+
+
 def pipeline_fingerprints(pipe) -> dict[str, str]:
     """The unet and text_encoder fingerprints this project gives the same weights (float32)."""
     unet = {k.removeprefix("model.diffusion_model."): v.float() for k, v in unet_names(pipe.unet.state_dict()).items()}
-    text = text_encoder_names(pipe.text_encoder.state_dict(), pipe.text_encoder.config.to_dict())
-    text = {k.removeprefix("cond_stage_model."): v.float() for k, v in text.items()}
-    return {"unet": fingerprint_tensors(unet), "text_encoder": fingerprint_tensors(text)}
+    encoders = text_encoders(pipe)
+    text = {}
+    for i, encoder in enumerate(encoders):
+        text.update(text_encoder_names(encoder.state_dict(), encoder.config.to_dict(),
+                                       f"embedders.{i}." if len(encoders) == 2 else ""))
+    if len(encoders) == 2:   # the weights SDXLConditioner never reads (CLIP's last layer) are left out
+        unused = set(_sdxl_conditioner(*encoders).unused_keys())
+        text = {k: v for k, v in text.items() if k not in unused}
+    return {"unet": fingerprint_tensors(unet), "text_encoder": fingerprint_tensors({k: v.float() for k, v in text.items()})}
+
+
+def _sdxl_conditioner(clip, big):
+    """An SDXLConditioner of the two encoders' shapes, on the meta device (for its parameter names)."""
+    from ldm.modules.sdxl_conditioner import SDXLConditioner
+
+    a, b = clip.config, big.config
+    with torch.device("meta"):
+        return SDXLConditioner(
+            clip=dict(width=a.hidden_size, layers=a.num_hidden_layers, heads=a.num_attention_heads,
+                      intermediate_size=a.intermediate_size, max_length=a.max_position_embeddings),
+            openclip=dict(width=b.hidden_size, layers=b.num_hidden_layers, heads=b.num_attention_heads,
+                          embed_dim=b.projection_dim, max_length=b.max_position_embeddings))
 
 
 def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str | Path, betas=None, taus=None,
@@ -146,23 +182,31 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     if any(len(c.o_star_v) != len(layers) for c in concepts):
         raise ConceptError(f"the concepts have {[len(c.o_star_v) for c in concepts]} value outputs, the U-Net "
                            f"{len(layers)} cross-attention layers")
-    taken = [t for t in tokens if t in pipe.tokenizer.get_vocab()]
+    taken = [t for t in tokens if any(t in tok.get_vocab() for tok in tokenizers(pipe))]
     if taken:
         raise UserError(f"{taken[0]!r} is already a word of the pipeline's tokenizer; choose other tokens")
 
-    encoder = pipe.text_encoder
-    applied = AppliedConcepts(list(tokens), betas, taus, copy.deepcopy(pipe.tokenizer),
-                              encoder.get_input_embeddings(), encoder.config.vocab_size, dict(pipe.unet.attn_processors))
-    pipe.tokenizer.add_tokens(list(tokens))
-    ids = pipe.tokenizer.convert_tokens_to_ids(list(tokens))
-    if ids != list(range(applied.embeddings.num_embeddings, applied.embeddings.num_embeddings + n)):
-        raise UserError(f"the tokenizer gave the new tokens ids {ids}, not the rows after the text encoder's "
-                        f"{applied.embeddings.num_embeddings}")
-    # a new embedding module, so that the old one (restored by remove_concepts) is never touched
-    old = applied.embeddings.weight
-    rows = torch.stack([c.embedding for c in concepts]).to(old)
-    encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.cat([old.detach(), rows]), freeze=True))
-    encoder.config.vocab_size = len(pipe.tokenizer)
+    encoders = text_encoders(pipe)
+    widths = [e.get_input_embeddings().embedding_dim for e in encoders]
+    if any(c.embedding.numel() != sum(widths) for c in concepts):
+        raise ConceptError(f"the concepts' embeddings have {[c.embedding.numel() for c in concepts]} values, the "
+                           f"pipeline's text encoders take {' + '.join(map(str, widths))}")
+    applied = AppliedConcepts(list(tokens), betas, taus, [copy.deepcopy(t) for t in tokenizers(pipe)],
+                              [e.get_input_embeddings() for e in encoders], [e.config.vocab_size for e in encoders],
+                              dict(pipe.unet.attn_processors))
+    rows = torch.stack([c.embedding for c in concepts]).split(widths, dim=1)   # SDXL: 768 + 1280
+    for tokenizer, encoder, old, part in zip(tokenizers(pipe), encoders, applied.embeddings, rows):
+        tokenizer.add_tokens(list(tokens))
+        ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        if ids != list(range(old.num_embeddings, old.num_embeddings + n)):
+            raise UserError(f"the tokenizer gave the new tokens ids {ids}, not the rows after the text encoder's "
+                            f"{old.num_embeddings}")
+        # a new embedding module, so that the old one (restored by remove_concepts) is never touched
+        weight = torch.cat([old.weight.detach(), part.to(old.weight)])
+        encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight, freeze=True))
+        encoder.config.vocab_size = len(tokenizer)
+    if len(encoders) == 2:
+        pipe.encode_prompt = _superclass_pooled(pipe.encode_prompt, dict(zip(tokens, (c.superclass for c in concepts))))
 
     device = pipe.unet.device
     i_star = torch.stack([c.i_star for c in concepts]).float().to(device)
@@ -179,13 +223,40 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     return applied
 
 
+def _superclass_pooled(encode_prompt, words: dict[str, str]):
+    """`encode_prompt` of an SDXL pipeline, whose pooled embedding is the superclass prompt's: each
+    concept token replaced by its superclass word (the encodings stay the concept prompt's)."""
+    signature = inspect.signature(encode_prompt)
+    pattern = re.compile("|".join(re.escape(t) for t in words))
+
+    def to_super(text):
+        if text is None:
+            return None
+        return pattern.sub(lambda m: words[m.group(0)], text) if isinstance(text, str) else [to_super(t) for t in text]
+
+    def wrapped(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        out = encode_prompt(*call.args, **call.kwargs)
+        prompt, prompt_2 = call.arguments.get("prompt"), call.arguments.get("prompt_2")
+        if prompt is None:   # the caller gave the embeddings
+            return out
+        call.arguments.update(prompt=to_super(prompt), prompt_2=to_super(prompt_2))
+        pooled = encode_prompt(*call.args, **call.kwargs)[2]
+        return out[0], out[1], pooled, out[3]
+
+    return wrapped
+
+
 def remove_concepts(pipe) -> None:
     """Undo `apply_concepts`: the tokenizer, the text encoder's embeddings and the processors as before."""
     applied = getattr(pipe, "_perfusion", None)
     if applied is None:
         raise UserError("this pipeline has no Perfusion concepts to remove")
-    pipe.tokenizer = applied.tokenizer
-    pipe.text_encoder.set_input_embeddings(applied.embeddings)
-    pipe.text_encoder.config.vocab_size = applied.vocab_size
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), applied.tokenizers):
+        setattr(pipe, name, tokenizer)
+    for encoder, embeddings, vocab_size in zip(text_encoders(pipe), applied.embeddings, applied.vocab_sizes):
+        encoder.set_input_embeddings(embeddings)
+        encoder.config.vocab_size = vocab_size
+    pipe.__dict__.pop("encode_prompt", None)   # SDXL: the pipeline's own again
     pipe.unet.set_attn_processor(applied.processors)
     pipe._perfusion = None

@@ -102,7 +102,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
 
         self.model.requires_grad_(False)   # Perfusion trains only the embedding and o*_V
         # The embedding starts at the superclass word's (first batch, after the base weights are loaded).
-        self.embedding = nn.Parameter(torch.zeros(self.cond_stage_model.token_embedding.weight.shape[1]))
+        self.embedding = nn.Parameter(torch.zeros(self.cond_stage_model.token_embedding.embedding_dim))
         pairs = patch_cross_attention(self.model.diffusion_model)
         self.o_star_v = nn.ParameterList([nn.Parameter(torch.zeros(v.out_features), requires_grad=method != "embedding")
                                           for _, v in pairs])
@@ -173,13 +173,20 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         tokens = encoder.tokenize(list(prompts))
         encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, self.placeholder_rows))
         if not self.bank.active:   # textual inversion: plain projections
-            return encodings
+            return self.conditioning(encodings, prompts)
         e_super = None
         if self.bank.global_locking:
-            supers = encoder.encode([self.superclass_prompt(p) for p in prompts])
+            super_tokens = encoder.tokenize([self.superclass_prompt(p) for p in prompts])
+            supers = encoder.encode_embeddings(super_tokens, encoder.token_embedding(super_tokens))
             index = self.superclass_alignment(tokens.to(supers.device))
             e_super = supers.gather(1, index[..., None].expand(-1, -1, supers.shape[-1]))
-        return self.bank.pack(encodings, e_super, self.placeholder_positions(tokens, encodings.device))
+        context = self.bank.pack(encodings, e_super, self.placeholder_positions(tokens, encodings.device))
+        return self.conditioning(context, prompts)
+
+    def conditioning(self, context: torch.Tensor, prompts: Sequence[str]):
+        """What the U-Net receives for prompts naming concepts, given their (packed) context: the context
+        itself here; SDXL adds its pooled vector."""
+        return context
 
     def placeholder_positions(self, tokens: torch.Tensor, device) -> torch.Tensor | None:
         """(B, T, N) bool: where each active concept's placeholder sits, if the bank's rule needs it."""
@@ -306,6 +313,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.activate_training_concept()
         if self.bank.active:
             cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
+        cond = self.conditioning(cond, captions)
         z = self.training_latents(batch[self.first_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
@@ -400,7 +408,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
 
 def superclass_embedding(encoder, ids: Sequence[int]) -> torch.Tensor:
     """Where the placeholder's embedding starts: the mean of the superclass's token embeddings (float32)."""
-    return encoder.token_embedding.weight[list(ids)].float().mean(0)
+    return encoder.token_embedding(torch.tensor(list(ids), device=next(encoder.parameters()).device)).float().mean(0)
 
 
 def word_pattern(word: str) -> re.Pattern:

@@ -31,11 +31,14 @@ class SDXLLatentDiffusion(LatentDiffusion):
         self.upcast_vae = upcast_vae
 
     def get_learned_conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        cond = self.cond_stage_model.encode(list(prompts))
-        if self.zero_empty_prompt:
-            keep = torch.tensor([p != "" for p in prompts], device=cond["pooled"].device)
-            cond = {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in cond.items()}
-        return cond
+        return self.drop_empty(self.cond_stage_model.encode(list(prompts)), prompts)
+
+    def drop_empty(self, cond: dict[str, torch.Tensor], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """With `zero_empty_prompt`, the rows of empty prompts set to zero."""
+        if not self.zero_empty_prompt:
+            return cond
+        keep = torch.tensor([p != "" for p in prompts], device=cond["pooled"].device)
+        return {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in cond.items()}
 
     def apply_model(self, x_noisy, t, cond):
         factor = self.first_stage_model.downsample_factor
