@@ -158,3 +158,36 @@ def test_cli_show_gates_prints_the_table_and_samples_nothing(capsys, tmp_path):
     err = capsys.readouterr().err
     assert info.value.code == 0
     assert sum(line.startswith("warning: in ") for line in err.splitlines()) == 1 and "would close them" in err
+
+
+def test_gate_penalty_adds_the_mean_leaked_gate_and_closes_the_leaks():
+    base, penalised = tiny_perfusion_model(), tiny_perfusion_model("model.params.gate_penalty=10")
+    batch = perfusion_batch(base, seed=1)
+    losses = {}
+    for name, m in (("base", base), ("penalised", penalised)):
+        m.train()
+        torch.manual_seed(3)
+        losses[name] = m.shared_step(batch)
+    # the leaked gate, from Eq. 3 written out, over every token but the placeholder's
+    encoder = penalised.cond_stage_model
+    tokens = encoder.tokenize(batch["caption"])
+    e = encoder.encode_embeddings(tokens, penalised.embed_tokens(tokens, penalised.placeholder_rows)).double()
+    i, C_inv = penalised.i_star.double(), penalised.bank.C_inv.double()
+    gate = torch.sigmoid((e @ C_inv @ i / (i @ C_inv @ i) - penalised.beta) / penalised.tau)
+    leak = gate[tokens != penalised.placeholder_id].mean()
+    assert torch.allclose(losses["penalised"].double() - losses["base"].double(), 10 * leak, atol=1e-5)
+    assert leak > 1e-3   # so the equality above is not 0 == 0
+
+    def leak_after(m, steps=15):
+        opt = m.configure_optimizers()
+        for step in range(steps):
+            torch.manual_seed(step)
+            loss = m.shared_step(perfusion_batch(m, seed=step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return gate_summary(gate_tables(m, m.validation_prompts))["max_other_gate"]
+
+    assert leak_after(penalised) < leak_after(base) - 0.05
+    with pytest.raises(ValueError, match="gate_penalty must be >= 0"):
+        tiny_perfusion_model("model.params.gate_penalty=-1")

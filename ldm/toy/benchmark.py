@@ -5,8 +5,10 @@
 
 Trains every concept of data/toy/concepts with configs/toy/perfusion.yaml (main.py's own
 training loop) as Perfusion, with trained keys instead of locked ones (the paper's ablation),
-as textual inversion (the embedding alone) and as Perfusion without the mask, then renders a
-fixed set of prompts that were never used in training and lets the scorer judge every image:
+as textual inversion (the embedding alone), as Perfusion without the mask and as the gate study's
+variants (sim detached at other tokens, the edit at the concept token only, the leaked gates
+penalised), then renders a fixed set of prompts that were never used in training and lets the
+scorer judge every image:
 
 - concept fidelity: the concept's look (its colour, or pattern and colours) is seen on the object that names it;
 - text alignment: every other requested attribute (positions, background, the other object's
@@ -59,25 +61,31 @@ TAUS = (0.1, 0.15)
 BETA, BETA_GLOBAL, TAU = DEFAULT_BETA[False], DEFAULT_BETA[True], DEFAULT_TAU   # the sampling defaults
 
 
+GATE_PENALTY = 1.0   # the benchmark's gate-penalty variant (not in the paper: see model.params.gate_penalty)
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A trained concept variant: model.params.method, whether the loss is masked, and where the gated
-    edit applies in training (model.params.gate_at)."""
+    """A trained concept variant: model.params.method, whether the loss is masked, where the gated
+    edit applies in training (model.params.gate_at) and model.params.gate_penalty."""
     key: str
     method: str
     masks: bool
     gate_at: str = "all"
+    gate_penalty: float = 0.0
 
 
 VARIANTS = (Variant("perfusion", "perfusion", True), Variant("trained_keys", "trained_keys", True),
             Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False),
             Variant("perfusion_detached", "perfusion", True, "all_detached"),
-            Variant("perfusion_gate_concept", "perfusion", True, "concept"))
+            Variant("perfusion_gate_concept", "perfusion", True, "concept"),
+            Variant("perfusion_gate_penalty", "perfusion", True, gate_penalty=GATE_PENALTY))
 # The gate study: sim and gate at the other tokens at initialisation and after training with each rule.
 GATE_ROWS = (("At initialisation (i* = i_super, superclass embedding)", "init"),
              ("Trained with Eq. 3 at every token", "perfusion"),
              ("Trained with sim detached at other tokens", "perfusion_detached"),
-             ("Trained with the edit at the concept token only", "perfusion_gate_concept"))
+             ("Trained with the edit at the concept token only", "perfusion_gate_concept"),
+             (f"Trained with the leaked gates penalised (gate_penalty {GATE_PENALTY:g})", "perfusion_gate_penalty"))
 SUPERCLASS = "Superclass word, no concept"
 WORDS = "The look in words (a solid colour: its nearest colour word), no concept"
 FULL_UNET = "Whole U-Net fine-tuned, superclass word (reference)"
@@ -90,6 +98,8 @@ METHODS = (
     ("Perfusion, trained with sim detached at other tokens", "perfusion_detached", False, "all"),
     ("Perfusion, edit at the concept token only (training and sampling)", "perfusion_gate_concept", False,
      "concept"),
+    (f"Perfusion, trained with the leaked gates penalised (gate_penalty {GATE_PENALTY:g})", "perfusion_gate_penalty",
+     False, "all"),
     ("Trained keys (ablation)", "trained_keys", False, "all"),
     ("Embedding only (textual inversion)", "embedding", False, "all"),
     ("Perfusion, no mask in training", "perfusion_no_mask", False, "all"),
@@ -249,7 +259,7 @@ def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tupl
     info = CONCEPTS[name]
     overrides = [f"data.params.data_root={CONCEPT_DIR / name}", f"model.params.superclass={info.shape}",
                  f"model.params.method={variant.method}", f"data.params.use_masks={variant.masks}",
-                 f"model.params.gate_at={variant.gate_at}",
+                 f"model.params.gate_at={variant.gate_at}", f"model.params.gate_penalty={variant.gate_penalty}",
                  "lightning.callbacks.image_logger.every_n_steps=1000000", f"lightning.trainer.max_steps={steps}"]
     start = time.perf_counter()
     trainer = train.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),

@@ -34,7 +34,7 @@ from ldm.covariance import load_covariance
 from ldm.data.templates import fill
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.perfusion import GATE_AT, ConceptBank, ConceptState, patch_cross_attention
+from ldm.modules.perfusion import GATE_AT, ConceptBank, ConceptState, concept_gates, patch_cross_attention
 from ldm.util import fingerprint_tensors, repo_path
 
 
@@ -71,6 +71,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         method: str = "perfusion",
         gate_at: str = "all",
         log_gates_every_n_steps: int = 50,
+        gate_penalty: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -80,6 +81,9 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if gate_at not in GATE_AT:
             raise UserError(f"model.params.gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
         self.gate_at, self.log_gates_every_n_steps = gate_at, int(log_gates_every_n_steps)
+        self.gate_penalty = _number("gate_penalty", gate_penalty)
+        if self.gate_penalty < 0:
+            raise UserError(f"model.params.gate_penalty must be >= 0, got {gate_penalty!r}")
         tokenizer = self.cond_stage_model.tokenizer
         self.placeholder, self.superclass = placeholder, superclass
         self.placeholder_id = single_token_id(tokenizer, placeholder)
@@ -311,6 +315,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         cond = self.encode_concept_prompts(tokens)   # once: the targets' EMA reads it detached
         self.update_targets(tokens, captions, batch["caption_super"], encodings=cond)
         self.activate_training_concept()
+        leak = self.leaked_gate(cond, tokens) if self.gate_penalty and self.bank.active else None
         if self.bank.active:
             cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
         cond = self.conditioning(cond, captions)
@@ -320,7 +325,17 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if not torch.isfinite(loss):
             raise DivergedError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
                                      "concept is updated (try a lower learning rate or fp32 precision)")
+        if leak is not None:
+            self.log("train/leaked_gate", leak.detach(), on_step=True, batch_size=len(captions))
+            loss = loss + self.gate_penalty * leak
         return loss
+
+    def leaked_gate(self, encodings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean of Eq. 3's gate over the tokens other than the placeholder's, at the training beta/tau,
+        differentiable in the encodings: `gate_penalty` times it joins the loss, so the embedding learns
+        an encoding whose content the causal encoder does not hand on to the tokens after it."""
+        _, gate = concept_gates(encodings, self.i_star[None], self.bank.C_inv, self.beta, self.tau)
+        return gate[..., 0][tokens.to(encodings.device) != self.placeholder_id].mean()
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
