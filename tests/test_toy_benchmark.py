@@ -21,6 +21,10 @@ def test_eval_prompts_name_the_concept_once_and_are_not_training_captions():
                for t in json.loads((ROOT / "data/toy/concepts" / name / "captions.json").read_text()).values()}
     assert not trained & set(prompts)   # never a training caption
     assert "a green circle on the left and a {} on the right" in prompts
+    # nor is the company: no plain object of the prompts is beside the concept in training
+    company = {(o.colour, o.shape) for s in scenes for o in s.objects if o.look == "plain"}
+    index = json.loads((ROOT / "data/toy/concepts/concepts.json").read_text())
+    assert company and not company & {(c[1], c[0]) for e in index["concepts"] for i in e["images"] for c in i["company"]}
 
 
 def test_judge_separates_the_look_from_the_rest():

@@ -125,7 +125,11 @@ def test_shipped_concepts_are_current_and_load_as_perfusion_data(tmp_path):
     assert shipped == json.loads(json.dumps(index))
     for entry in index["concepts"]:
         name = entry["name"]
-        assert entry["superclass"] == CONCEPTS[name].shape and 4 <= len(entry["images"]) <= 6
+        assert entry["superclass"] == CONCEPTS[name].shape and len(entry["images"]) == 8
+        pairs = [i for i in entry["images"] if i["company"]]
+        assert len(pairs) == 3   # the concept named second, after a plain object of another shape
+        assert all(i["template"].index("{}") > i["template"].index(" and ") for i in pairs)
+        assert all(c[0] != entry["superclass"] for i in pairs for c in i["company"])
         assert len({i["position"] for i in entry["images"]}) >= 4
         assert len({i["background"] for i in entry["images"]}) >= 3
         for image in entry["images"]:  # the committed files are exactly what the generator writes
@@ -138,7 +142,8 @@ def test_shipped_concepts_are_current_and_load_as_perfusion_data(tmp_path):
         assert 0.05 < float((item["mask"] > 0.5).float().mean()) < 0.3
         assert item["caption_super"].endswith(entry["superclass"])
     scenes = concept_scenes("striped_star")
-    assert all(s.objects[0].look == "striped_star" for s in scenes)
+    assert [len(s.objects) for s in scenes] == [1] * 5 + [2] * 3
+    assert all(s.objects[-1].look == "striped_star" for s in scenes)
 
 
 def test_dataset_batches_through_main_config():
