@@ -48,6 +48,7 @@ def concept_scenes(name: str, count: int = 5, seed: int = 0, pairs: int = len(CO
     index = list(CONCEPTS).index(name)
     rng = np.random.default_rng([seed, index])
     positions, scenes = tuple(POSITIONS), []
+
     def concept(position: str) -> SceneObject:
         size = float(rng.uniform(*WORLD_GEOMETRY.size))
         offset = tuple(float(v) for v in rng.uniform(-WORLD_GEOMETRY.jitter, WORLD_GEOMETRY.jitter, 2))

@@ -331,10 +331,11 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         return loss
 
     def leaked_gate(self, encodings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean of Eq. 3's gate over the tokens other than the placeholder's, at the training beta/tau,
-        differentiable in the encodings: `gate_penalty` times it joins the loss, so the embedding learns
-        an encoding whose content the causal encoder does not hand on to the tokens after it."""
-        _, gate = concept_gates(encodings, self.i_star[None], self.bank.C_inv, self.beta, self.tau)
+        """Mean of Eq. 3's gate over the tokens other than the placeholder's, under the bank's active
+        (training) state, differentiable in the encodings: `gate_penalty` times it joins the loss, so the
+        embedding learns an encoding whose content the causal encoder does not hand on to the tokens after it."""
+        bank = self.bank
+        _, gate = concept_gates(encodings, bank.i_star, bank.C_inv, bank.beta, bank.tau)
         return gate[..., 0][tokens.to(encodings.device) != self.placeholder_id].mean()
 
     def training_step(self, batch, batch_idx):
