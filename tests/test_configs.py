@@ -74,7 +74,7 @@ def test_a_toy_command_runs_from_another_folder(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "ldm.toy.evaluate", "--attention", "a red circle on the left"],
+    result = subprocess.run([sys.executable, "-m", "ldm.toy.evaluate", "--attention", "on the left a red circle"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr

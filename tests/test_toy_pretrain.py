@@ -1,5 +1,5 @@
-"""The toy world's pretraining command: latent-scale folding, trainable text encoder, the
-localization fine-tuning, and a 1-step end-to-end run of `python -m ldm.toy.pretrain` whose weights load into the toy config."""
+"""The toy world's pretraining command: latent-scale folding, the text encoder's pretraining on
+captions and its loading, frozen, into the LatentDiffusion, the localization loss, and a 1-step end-to-end run of `python -m ldm.toy.pretrain` whose weights load into the toy config."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +26,7 @@ def test_latent_scale_folding_is_exact():
 
 
 def test_text_encoder_trains_when_asked():
-    config = load_config([ROOT / "configs/toy/ldm.yaml"])
+    config = load_config([ROOT / "configs/toy/model.yaml"], ["model.params.cond_stage_trainable=true"])
     model = instantiate_from_config(config.model)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"model", "cond_stage_model"}
@@ -50,7 +50,7 @@ def test_pretrain_resumes_an_interrupted_stage(tmp_path):
     out, logs = tmp_path / "ckpt", tmp_path / "logs"
     tiny = ["lightning.trainer.max_steps=1", "data.num_workers=0", "lightning.callbacks.checkpoint.every_n_steps=1"]
     assert pretrain_main(["--out", str(out), "--logdir", str(logs), "--covariance_captions", "64", *tiny]) == 0
-    (logs / "toy-ldm-joint.safetensors").unlink()   # as if the LatentDiffusion stage had been interrupted after step 1
+    (logs / "toy-ldm-trained.safetensors").unlink()   # as if the LatentDiffusion stage had been interrupted after step 1
     (run,) = logs.glob("*_toy-ldm")
     vae_bytes = (logs / "toy-autoencoder.safetensors").read_bytes()
     longer = [t.replace("max_steps=1", "max_steps=2") for t in tiny]
@@ -59,7 +59,7 @@ def test_pretrain_resumes_an_interrupted_stage(tmp_path):
     assert (logs / "toy-autoencoder.safetensors").read_bytes() == vae_bytes    # the finished stage: skipped
     assert list(logs.glob("*_toy-ldm")) == [run] and len(list((run / "configs").glob("*-config.yaml"))) == 2
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
-    assert (logs / "toy-ldm-joint.safetensors").is_file()
+    assert (logs / "toy-ldm-trained.safetensors").is_file()
 
 
 def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
@@ -76,21 +76,21 @@ def test_prompt_accuracy_runs_the_scorer_on_generated_images(tiny_v1):
 
 
 def _localized_model():
-    config = load_config([ROOT / "configs/toy/ldm.yaml", ROOT / "configs/toy/localize.yaml"])
+    config = load_config([ROOT / "configs/toy/ldm.yaml"])
     torch.manual_seed(0)
     return instantiate_from_config(config.model)
 
 
 def test_localization_assigns_each_word_to_its_object():
     model = _localized_model()
-    caption = "a red and green striped star on the left and a blue circle on the right, on a black background"
+    caption = "on a black background, on the left a red and green striped star and on the right a blue circle"
     rows, objects, positions = model.word_slots([caption, ""])
     ids = model.cond_stage_model.tokenize([caption])[0]
     words = [model.cond_stage_model.tokenizer.decode([int(ids[p])]).strip() for p in positions]
     assert rows.tolist() == [0] * 8            # the empty caption has no localized word
     assert list(zip(words, objects.tolist())) == [
-        ("red", 0), ("green", 0), ("striped", 0), ("star", 0), ("left", 0),
-        ("blue", 1), ("circle", 1), ("right", 1)]
+        ("left", 0), ("red", 0), ("green", 0), ("striped", 0), ("star", 0),
+        ("right", 1), ("blue", 1), ("circle", 1)]
     assert not {"black", "background"} & set(words)
 
 
@@ -118,3 +118,37 @@ def test_localization_trains_the_unet_only():
     assert model.model.diffusion_model.input_blocks[0][0].weight.grad is not None
     in_optimizer = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
     assert id(model.cond_stage_model.token_embedding.weight) not in in_optimizer
+
+
+def test_text_encoder_pretraining_reads_each_object_at_its_noun(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.toy.text_encoder import HEADS, NO_OBJECT, ToyCaptionLabels, object_labels
+    from ldm.toy.world import SceneObject
+
+    data = ToyCaptionLabels(64, seed=0, p_textured=0.3)
+    item = data[0]
+    _, request = data.scene(0)
+    assert "image" not in item and item["caption"].endswith(request.objects[-1].shape)   # the noun comes last
+    if len(request.objects) == 1:
+        assert (item["labels"][1] == NO_OBJECT).all()
+    # a textured object: both colours and the pattern; an unsaid attribute is its own, last class
+    assert object_labels(SceneObject("star", None, "left", texture=("stripes", "red", "green"))) == [3, 0, 3, 0, 0]
+    assert object_labels(SceneObject("circle", None, None)) == [0, 7, 7, 3, 5] and len(HEADS) == 5
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(load_config([ROOT / "configs/toy/text_encoder.yaml"]).model)
+    batch = torch.utils.data.default_collate([data[i] for i in range(64)])
+    optimizer, loss = model.configure_optimizers(), lambda: sum(model.losses(batch).values())
+    first = float(loss())
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert float(loss()) < 0.5 * first
+    # stage 3 loads the trained encoder, frozen, into the LatentDiffusion
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "text.safetensors"))
+    ldm = instantiate_from_config(load_config([ROOT / "configs/toy/ldm.yaml"],
+                                              [f"model.params.cond_stage_ckpt={tmp_path / 'text.safetensors'}"]).model)
+    assert ldm.cond_stage_model.fingerprint() == model.cond_stage_model.fingerprint()
+    assert not any(p.requires_grad for p in ldm.cond_stage_model.parameters())

@@ -45,10 +45,10 @@ def test_render_is_deterministic_and_seeded():
 
 def test_captions_follow_the_grammar():
     scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "orange", "right")), "black")
-    assert caption(scene) == "a red circle on the left and an orange square on the right, on a black background"
+    assert caption(scene) == "on a black background, on the left a red circle and on the right an orange square"
     star = SceneObject.concept("striped_star", "top")
-    assert caption(Scene((star,), "gray")) == "a striped star at the top, on a gray background"
-    assert caption(Scene((star,), None), nouns=["sks"]) == "a sks at the top"
+    assert caption(Scene((star,), "gray")) == "on a gray background, at the top a striped star"
+    assert caption(Scene((star,), None), nouns=["sks"]) == "at the top a sks"
     assert caption(Scene((SceneObject("star", None, None),))) == "a star"
     data = ToyCaptionDataset(300, seed=0)
     for i in range(300):
@@ -60,7 +60,8 @@ def test_captions_follow_the_grammar():
             assert asked.position in (obj.position, None)
             assert (f"{obj.colour} {obj.shape}" if asked.colour else obj.shape) in text
         assert request.background in (scene.background, None)
-        assert text.endswith(f"on a {scene.background} background") == (request.background is not None)
+        assert text.startswith(f"on a {scene.background} background, ") == (request.background is not None)
+        assert text.endswith(request.objects[-1].shape)   # each object's noun ends its phrase
 
 
 def test_train_split_never_holds_a_held_out_pair_or_a_concept():
@@ -252,8 +253,8 @@ def test_generic_textures_render_two_colours_and_never_a_concept_look():
     inside = np.asarray(image)[mask == 255]
     found = {tuple(px) for px in inside}
     assert found == {COLOURS["red"], COLOURS["green"]}
-    assert caption(Scene((obj,), "black")) == "a red and green striped circle in the centre, on a black background"
-    assert caption(as_request(Scene((obj,), "black"), drop_colour=[True])) == "a circle in the centre, on a black background"
+    assert caption(Scene((obj,), "black")) == "on a black background, in the centre a red and green striped circle"
+    assert caption(as_request(Scene((obj,), "black"), drop_colour=[True])) == "on a black background, in the centre a circle"
     assert ("stripes", "blue", "yellow") in CONCEPT_TEXTURES   # the striped star's colours in either order
     for texture in CONCEPT_TEXTURES:
         with pytest.raises(ValueError, match="is a concept's look"):

@@ -45,7 +45,7 @@ CONFIG = ROOT / "configs/toy/perfusion.yaml"
 CONCEPT_DIR = ROOT / "data/toy/concepts"
 
 # Evaluation scenes: the concept (object 0 or 1) in positions, backgrounds and company never used
-# in its training captions ("a {}"); the other objects are (colour, shape) pairs of pretraining.
+# in its training captions; the other objects are (colour, shape) pairs of pretraining.
 SCENE_SPECS: tuple[tuple, ...] = (
     (("left",), (), None),
     (("top",), (), "gray"),
@@ -349,6 +349,10 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
     return results
 
 
+PAIR_EXAMPLE = caption(Scene((SceneObject("ring", position="left"), SceneObject("star", position="right"))),
+                       nouns=["{1}", "{2}"])
+
+
 def pair_scenes(a: str, b: str) -> list[Scene]:
     return [Scene((SceneObject.concept(x, p), SceneObject.concept(y, q)), None)
             for x, y in ((a, b), (b, a)) for p, q in (("left", "right"), ("top", "bottom"))]
@@ -473,7 +477,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                    + (f"beta {rec['beta']}, tau {rec['tau']} ({_pct(rec['fidelity'])} / {_pct(rec['alignment'])})."
                       if rec else "none; no setting keeps that alignment.")),
               "", "![beta curve](beta_curve.png)", "", "## Two concepts in one prompt", "",
-              "Prompts \"a {1} on the left and a {2} on the right\" (and top/bottom, both orders), Perfusion with "
+              f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders), Perfusion with "
               "the exact multi-concept edit (Appendix B).", "",
               "| concepts | both appear | fidelity (each) | alignment |", "|---|---|---|---|"]
     for pair, r in results["pairs"].items():

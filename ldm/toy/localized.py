@@ -1,10 +1,10 @@
-"""Toy base model fine-tuning whose cross-attention routes by word, with the text encoder frozen.
+"""Toy base model training whose cross-attention routes by word, with the text encoder frozen.
 
 Perfusion's edit acts only through the attention that falls on the concept's token, and its key
 lock assumes the superclass word attends where its object is. Stable Diffusion learns that from
 billions of images; the toy model, trained for an hour, spreads every word's attention over the
-whole image. So the toy U-Net is fine-tuned with FastComposer's localization loss (Xiao et al.
-2023): each object's words (its colour, pattern, noun and position) should attend inside the
+whole image. So the toy U-Net is trained with FastComposer's localization loss (Xiao et al.
+2023) added: each object's words (its position, colour, pattern and noun) should attend inside the
 object's mask, which the generator knows exactly. The text encoder stays frozen, as SD's is: the
 loss trains the U-Net's queries and keys only, so it cannot collapse what the words encode (with a
 trainable encoder it did: docs/toy-world.md). Only pretraining uses this; Perfusion then trains
@@ -25,8 +25,9 @@ from ldm.modules.attention import cross_attention_layers
 class LocalizedLatentDiffusion(LatentDiffusion):
     """LatentDiffusion + `localization_weight` x the balanced localization loss of object words.
 
-    Caption grammar: an object's `before` words (colour, pattern) precede its noun, its `after`
-    words (position) follow it, so a word's object is the count of nouns around it. Object k's
+    Caption grammar: an object's `before` words (in the toy's: position, colour, pattern) precede its
+    noun, its `after` words (none in the toy's) follow it, so a word's object is the count of nouns
+    around it. Object k's
     mask is `batch["object_masks"][:, k]`; a batch without masks trains as plain LatentDiffusion.
     """
 

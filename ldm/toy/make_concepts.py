@@ -7,8 +7,8 @@ in varied positions and backgrounds, then beside a plain object that its caption
 and `<out>/<name>/mask/<name>_<i>.png` (the generator's exact soft mask of the concept), the
 layout `ldm.data.personalized.PersonalizedDataset` reads.
 `<out>/concepts.json` records each concept's superclass word and each image's scene, caption
-and prompt template (the caption with `{}` for the concept's word: "a {} on the left, on a gray
-background"); `<out>/preview.png` shows every image above its mask. The files depend only on
+and prompt template (the caption with `{}` for the concept's word: "on a gray background, on
+the left a {}"); `<out>/preview.png` shows every image above its mask. The files depend only on
 `--seed`, so rerunning rewrites identical bytes.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from ldm.util import REPO_ROOT, atomic_path
 FORMAT, VERSION = "toy-concepts", 2
 # The plain objects beside the concept in its two-object images: (shape, colour, position, the
 # concept's position, background). In a causal text encoder the concept word's encoding depends on
-# the words before it, and Eq. 3's i* is its mean over the training captions: captions that only
-# start with the concept leave its gate half shut in prompts that name it second. None of these
+# the words before it, and Eq. 3's i* is its mean over the training captions: captions that never
+# name another object before the concept leave its gate half shut in prompts that name it second. None of these
 # (colour, shape) pairs is in the benchmark's prompts; a companion of the concept's shape is a triangle.
 COMPANIONS = (("ring", "blue", "top", "bottom", "gray"), ("cross", "orange", "right", "left", "brown"),
               ("circle", "purple", "bottom", "top", "checkered"))

@@ -3,10 +3,11 @@
     python -m ldm.toy.pretrain --out ckpt/toy
 
 1. the KL autoencoder (configs/toy/autoencoder.yaml) -> <logdir>/toy-autoencoder.safetensors
-2. the text-to-image LatentDiffusion with its CLIP-architecture text encoder trained from
-   scratch (configs/toy/ldm.yaml) -> <logdir>/toy-ldm-joint.safetensors
-3. its U-Net fine-tuned with the text encoder frozen and the attention of each object's words
-   localized on the object (configs/toy/ldm.yaml + localize.yaml) -> <logdir>/toy-ldm-localized.safetensors
+2. the CLIP-architecture text encoder pretrained on captions alone (configs/toy/text_encoder.yaml)
+   -> <logdir>/toy-text-encoder.safetensors
+3. the text-to-image LatentDiffusion trained from scratch with that text encoder frozen and the
+   attention of each object's words localized on the object (configs/toy/ldm.yaml)
+   -> <logdir>/toy-ldm-trained.safetensors
 4. the autoencoder's decoder fine-tuned with its encoder frozen, so the latent space stays as it
    is (configs/toy/decoder.yaml) -> <logdir>/toy-decoder.safetensors
 5. stage 3's model with stage 4's decoder -> <out>/toy-ldm.safetensors (CompVis names, float16),
@@ -97,15 +98,15 @@ def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume
     times["autoencoder"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    joint = _stage(logs / "toy-ldm-joint.safetensors", resume, lambda: _train(
-        [configs / "ldm.yaml"], "toy-ldm", logdir, [f"model.params.first_stage_ckpt={vae_path}", *overrides], resume))
-    times["ldm"] = time.perf_counter() - t0
+    text = _stage(logs / "toy-text-encoder.safetensors", resume, lambda: _train(
+        [configs / "text_encoder.yaml"], "toy-text-encoder", logdir, overrides, resume))
+    times["text encoder"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    localized = _stage(logs / "toy-ldm-localized.safetensors", resume, lambda: _train(
-        [configs / "ldm.yaml", configs / "localize.yaml"], "toy-ldm-localized", logdir,
-        [f"model.ckpt={joint}", *overrides], resume))
-    times["localization"] = time.perf_counter() - t0
+    trained = _stage(logs / "toy-ldm-trained.safetensors", resume, lambda: _train(
+        [configs / "ldm.yaml"], "toy-ldm", logdir,
+        [f"model.params.first_stage_ckpt={vae_path}", f"model.params.cond_stage_ckpt={text}", *overrides], resume))
+    times["ldm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     decoder = _stage(logs / "toy-decoder.safetensors", resume, lambda: _train(
@@ -113,7 +114,7 @@ def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume
     times["decoder"] = time.perf_counter() - t0
 
     ldm_path = out / "toy-ldm.safetensors"
-    state = load_file(str(localized))
+    state = load_file(str(trained))
     state.update({f"first_stage_model.{k}": v for k, v in load_file(str(decoder)).items()})
     save_weights(state, ldm_path)
 

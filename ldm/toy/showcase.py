@@ -18,16 +18,16 @@ from ldm.errors import UserError
 from ldm.util import REPO_ROOT as ROOT
 
 CONTEXTS = (
-    ("a {} at the top and a green circle on the left", "top, green circle"),
-    ("a {} on the right, on a checkered background", "right, checkered"),
-    ("a {} at the bottom and a white cross at the top", "bottom, white cross"),
-    ("a red triangle on the left and a {} on the right", "red triangle, right"),
+    ("at the top a {} and on the left a green circle", "top, green circle"),
+    ("on a checkered background, on the right a {}", "right, checkered"),
+    ("at the bottom a {} and at the top a white cross", "bottom, white cross"),
+    ("on the left a red triangle and on the right a {}", "red triangle, right"),
 )
 PAIRS = (
-    ("a {1} on the left and a {2} on the right", "yours left, 2nd right"),
-    ("a {2} at the top and a {1} at the bottom", "2nd top, yours bottom"),
+    ("on the left a {1} and on the right a {2}", "yours left, 2nd right"),
+    ("at the top a {2} and at the bottom a {1}", "2nd top, yours bottom"),
 )
-SWEEP_PROMPT = "a {} on the left, on a gray background"
+SWEEP_PROMPT = "on a gray background, on the left a {}"
 SHIPPED = ROOT / "ckpt/toy/concepts"
 
 

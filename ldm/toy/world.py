@@ -1,7 +1,7 @@
 """A procedurally generated toy world: small images of one or two shapes, with captions from a grammar.
 
     scene = Scene((SceneObject("circle", "red", "left"), SceneObject("square", "blue", "right")), "black")
-    caption(scene)  # 'a red circle on the left and a blue square on the right, on a black background'
+    caption(scene)  # 'on a black background, on the left a red circle and on the right a blue square'
     image, masks = render(scene)  # 32x32 RGB PIL image, one uint8 soft mask per object
 
 Grammar: 1 or 2 objects; SHAPES x COLOURS; one object at any of POSITIONS, two objects at
@@ -177,8 +177,9 @@ def _article(word: str) -> str:
 
 
 def describe(obj: SceneObject, noun: str | None = None) -> str:
-    """'a red circle on the left', 'a red and green striped star'; `noun` replaces the look and shape
-    words (e.g. a concept's placeholder)."""
+    """'on the left a red circle', 'a red and green striped star'; `noun` replaces the look and shape
+    words (e.g. a concept's placeholder). The noun comes last: in a causal text encoder a word sees
+    only the words before it, so only a noun named last can know its object's position."""
     if noun is None:
         if obj.look != "plain":
             noun = CONCEPTS[obj.look].phrase
@@ -187,7 +188,7 @@ def describe(obj: SceneObject, noun: str | None = None) -> str:
         else:
             noun = f"{obj.colour} {obj.shape}" if obj.colour is not None else obj.shape
     words = f"{_article(noun)} {noun}"
-    return words if obj.position is None else f"{words} {POSITION_PHRASES[obj.position]}"
+    return words if obj.position is None else f"{POSITION_PHRASES[obj.position]} {words}"
 
 
 def _textured_noun(pattern: str, a: str, b: str, shape: str) -> str:
@@ -206,14 +207,15 @@ def look_words(name: str) -> str:
 
 
 def caption(scene: Scene, nouns: Sequence[str | None] | None = None) -> str:
-    """The caption of `scene`; unset fields are left out. `nouns[i]` overrides object i's noun."""
+    """The caption of `scene`, background first and each object's noun last ('on a gray background,
+    at the top a star'); unset fields are left out. `nouns[i]` overrides object i's noun."""
     if not scene.objects:
         raise ValueError("an empty scene has no caption")
     nouns = list(nouns) if nouns is not None else [None] * len(scene.objects)
     if len(nouns) != len(scene.objects):
         raise ValueError(f"got {len(nouns)} nouns for {len(scene.objects)} objects")
     text = " and ".join(describe(o, n) for o, n in zip(scene.objects, nouns))
-    return text if scene.background is None else f"{text}, on a {scene.background} background"
+    return text if scene.background is None else f"on a {scene.background} background, {text}"
 
 
 # ----------------------------------------------------------------------------- rendering

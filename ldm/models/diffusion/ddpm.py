@@ -54,6 +54,7 @@ class LatentDiffusion(pl.LightningModule):
         mask_floor: float = 0.0,
         cond_stage_trainable: bool = False,
         first_stage_ckpt: str | None = None,
+        cond_stage_ckpt: str | None = None,
         cache_latents: bool = False,
     ):
         super().__init__()
@@ -80,6 +81,8 @@ class LatentDiffusion(pl.LightningModule):
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         if first_stage_ckpt:   # a separately trained autoencoder (the toy world's)
             load_into(self.first_stage_model, first_stage_ckpt)
+        if cond_stage_ckpt:    # a separately pretrained text encoder (the toy world's): its `cond_stage_model.*`
+            load_into(self.cond_stage_model, cond_stage_ckpt, prefix="cond_stage_model.")
         self.cond_stage_trainable = cond_stage_trainable
         for frozen in (self.first_stage_model, self.cond_stage_model):
             frozen.eval()
