@@ -27,7 +27,7 @@ class ToyCaptionDataset(Dataset):
     "heldout" has at least one HELD_OUT pair in every scene. Captions leave out an object's
     colour with probability `p_drop_colour`, the position of a lone object with
     `p_drop_position` and the background with `p_drop_background`, so that the model also
-    learns the shorter phrasings ("a star on the left") that concept prompts use. With probability
+    learns the shorter phrasings ("on the left a star") that concept prompts use. With probability
     `p_drop_caption` the whole caption is "" (decided by its own stream, so the other items do not
     change), which teaches the unconditional prediction that classifier-free guidance needs.
     `p_textured`: the share of objects drawn with a generic two-colour texture (split "train"),

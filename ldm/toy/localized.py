@@ -27,8 +27,8 @@ class LocalizedLatentDiffusion(LatentDiffusion):
 
     Caption grammar: an object's `before` words (in the toy's: position, colour, pattern) precede its
     noun, its `after` words (none in the toy's) follow it, so a word's object is the count of nouns
-    around it. Object k's
-    mask is `batch["object_masks"][:, k]`; a batch without masks trains as plain LatentDiffusion.
+    around it. Object k's mask is `batch["object_masks"][:, k]`; a batch without masks trains as
+    plain LatentDiffusion.
     """
 
     def __init__(self, *args, nouns: Sequence[str], before: Sequence[str] = (), after: Sequence[str] = (),

@@ -29,8 +29,9 @@ FORMAT, VERSION = "toy-concepts", 2
 # The plain objects beside the concept in its two-object images: (shape, colour, position, the
 # concept's position, background). In a causal text encoder the concept word's encoding depends on
 # the words before it, and Eq. 3's i* is its mean over the training captions: captions that never
-# name another object before the concept leave its gate half shut in prompts that name it second. None of these
-# (colour, shape) pairs is in the benchmark's prompts; a companion of the concept's shape is a triangle.
+# name another object before the concept leave its gate half shut in prompts that name it second.
+# None of these (colour, shape) pairs is in the benchmark's prompts; a companion of the concept's
+# shape is a triangle.
 COMPANIONS = (("ring", "blue", "top", "bottom", "gray"), ("cross", "orange", "right", "left", "brown"),
               ("circle", "purple", "bottom", "top", "checkered"))
 

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     load_into(model, args.ckpt)
     model.eval()
     for split in ("train", "heldout"):
-        acc = head_accuracy(model, ToyCaptionLabels(args.n, seed=1000, split=split, p_textured=0.3 if split == "train" else 0.0))
+        acc = head_accuracy(model, ToyCaptionLabels(args.n, seed=1000, split=split, p_textured=0.3))   # heldout: no textures
         print(f"{split} captions ({args.n}): " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
     return 0
 
