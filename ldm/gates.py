@@ -67,7 +67,8 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     rows = model.concept_rows()
     tokens = encoder.tokenize(list(prompts)).to(model.device)
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, rows))
-    sim, gate = concept_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau)
+    joint = bank.exact and bank.joint_gates and bank.i_star.shape[0] > 1 and bank.gate_at != "concept"
+    sim, gate = concept_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau, joint)
     own = tokens[..., None] == torch.tensor(list(rows), device=tokens.device)
     return [GateTable(p, _labels(encoder.tokenizer, t.tolist()), o.tolist(), s.tolist(), g.tolist())
             for p, t, o, s, g in zip(prompts, tokens, own, sim.float().cpu(), gate.float().cpu())]

@@ -137,12 +137,14 @@ def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
 
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
                   global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None,
-                  gate_at: str = "all") -> LoadedConcepts:
+                  gate_at: str = "all", joint_gates: bool = True) -> LoadedConcepts:
     """Load concept files (or Concept objects; one or a list) into a PerfusionLatentDiffusion for sampling.
 
     Replaces whatever was loaded before. `betas`/`taus`: one value or one per concept.
     `global_locking`: keys see the prompt with each concept's superclass word (Sec. 4 of the paper).
-    `exact`: Appendix B's exact projection for several concepts (else the approximation).
+    `exact`: Appendix B's exact projection for several concepts (else the approximation); with
+    `joint_gates` their gates are read from its coordinates, so that one concept's token opens only
+    its own gate (False: each gate from its own concept's Eq. 3 sim, as Appendix B writes it).
     `gate_at`: "all" (Eq. 3 at every token, the paper's rule) or "concept" (the gated edit only at
     each concept's own placeholder token; every other token gets the base projection).
     """
@@ -172,7 +174,8 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     device = model.bank.C_inv.device
     bank = model.bank
     state = dict(rows={i: c.embedding.to(device, model.embedding.dtype) for i, c in zip(ids, loaded)},
-                 words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact)
+                 words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact,
+                 joint_gates=joint_gates)
     edited = methods != {"embedding"}   # textual inversion: only the placeholder rows change
     if edited:
         i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)

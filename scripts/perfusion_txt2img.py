@@ -61,9 +61,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--show_gates", action="store_true",
                    help="print each prompt's tokens with sim and gate per concept, then exit without sampling")
     multi = p.add_mutually_exclusive_group()
-    multi.add_argument("--exact_multi", dest="exact", action="store_true", default=True,
-                       help="several concepts: exact Appendix B projection (default)")
-    multi.add_argument("--approx_multi", dest="exact", action="store_false",
+    multi.add_argument("--exact_multi", dest="multi", action="store_const", const="exact", default="exact",
+                       help="several concepts: exact Appendix B projection, gates read from its coordinates "
+                            "(default)")
+    multi.add_argument("--separate_gates", dest="multi", action="store_const", const="separate",
+                       help="several concepts: exact projection, each gate from its own concept's sim "
+                            "(Appendix B as written)")
+    multi.add_argument("--approx_multi", dest="multi", action="store_const", const="approx",
                        help="several concepts: the cheaper approximation W e - sum_n sim_n(e) W i*_n")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
@@ -127,8 +131,8 @@ def main(argv=None) -> int:
                                           if v == "recommendation")
                   + f" ({recommended_gates(concept)['rule']})", file=sys.stderr)
     model, ckpt, weights_seed = build_perfusion(args.config, args.ckpt, args.use_ema, args.device)
-    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.exact, names=paths,
-                           gate_at=args.gate_at)
+    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.multi != "approx", names=paths,
+                           gate_at=args.gate_at, joint_gates=args.multi == "exact")
     tokenizer = model.cond_stage_model.tokenizer
     if args.show_gates and not model.bank.active:
         raise UserError("--show_gates: textual-inversion concepts have no gate")
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     fixed = initial_noise(shape, model.device, make_generator(args.seed, model.device)) if args.fixed_code else None
     settings = {
         "config": args.config, "ckpt": ckpt, "use_ema": args.use_ema, "negative_prompt": args.negative_prompt,
-        "global_locking": args.global_locking, "gate_at": args.gate_at, "multi_concept": "exact" if args.exact else "approx",
+        "global_locking": args.global_locking, "gate_at": args.gate_at, "multi_concept": args.multi,
         "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "H": height, "W": width,
         "n_samples": args.n_samples, "n_iter": args.n_iter, "fixed_code": args.fixed_code, "precision": args.precision,
     }

@@ -15,8 +15,9 @@ from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 from tests.concept_files import cat, cli_config, concept_file, dog, model  # noqa: F401 (fixtures)
 
 
-def test_gate_table_is_eq3_at_every_token(model, cat, dog):
-    loaded = load_concepts(model, [cat, dog], [0.6, 0.7], [0.15, 0.2])
+@pytest.mark.parametrize("joint_gates", [True, False])
+def test_gate_table_is_eq3_at_every_token(model, cat, dog, joint_gates):
+    loaded = load_concepts(model, [cat, dog], [0.6, 0.7], [0.15, 0.2], joint_gates=joint_gates)
     prompt = format_prompt("a photo of a {1} and a {2}", loaded.tokens)
     table = gate_tables(model, [prompt])[0]
     assert len(table.tokens) == 77 and table.tokens[0] == "<start>" and table.tokens[-1] == "<pad>"
@@ -25,9 +26,11 @@ def test_gate_table_is_eq3_at_every_token(model, cat, dog):
     tokens = encoder.tokenize([prompt])
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, model.placeholder_rows)).double()[0]
     C_inv = model.bank.C_inv.double()
+    I = torch.stack([cat.i_star, dog.i_star]).double()
+    coords = e @ C_inv @ I.T @ torch.linalg.inv(I @ C_inv @ I.T)   # the exact projection's coordinates
     for n, (concept, beta, tau) in enumerate(zip((cat, dog), (0.6, 0.7), (0.15, 0.2))):
         i = concept.i_star.double()
-        sim = e @ C_inv @ i / (i @ C_inv @ i)
+        sim = coords[:, n] if joint_gates else e @ C_inv @ i / (i @ C_inv @ i)
         assert torch.allclose(torch.tensor([row[n] for row in table.sim], dtype=torch.float64), sim, atol=1e-4)
         gate = torch.sigmoid((sim - beta) / tau)
         assert torch.allclose(torch.tensor([row[n] for row in table.gate], dtype=torch.float64), gate, atol=1e-4)
@@ -158,6 +161,24 @@ def test_cli_show_gates_prints_the_table_and_samples_nothing(capsys, tmp_path):
     err = capsys.readouterr().err
     assert info.value.code == 0
     assert sum(line.startswith("warning: in ") for line in err.splitlines()) == 1 and "would close them" in err
+
+
+def test_cli_multi_concept_flags_choose_the_gates(capsys, tmp_path):
+    """--separate_gates prints Eq. 3's own sim per concept, the default the exact projection's coordinates:
+    the same table at a prompt whose concept tokens differ only in how the gates are read."""
+    spec = importlib.util.spec_from_file_location("perfusion_txt2img", ROOT / "scripts/perfusion_txt2img.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--config", str(cli_config()), "--personalized_ckpt", f"{concept_file('cat', 0)},{concept_file('dog', 1)}",
+            "--prompt", "a {1} and a {2}", "--show_gates", "--outdir", str(tmp_path / "out")]
+    tables = {}
+    for flag in ("--exact_multi", "--separate_gates", "--approx_multi"):
+        with pytest.raises(SystemExit) as info:
+            script.run_cli(lambda: script.main(argv + [flag]))
+        assert info.value.code == 0
+        tables[flag] = capsys.readouterr().out
+    assert tables["--separate_gates"] == tables["--approx_multi"]   # both gate by Eq. 3's sim_n
+    assert tables["--exact_multi"] != tables["--separate_gates"]
 
 
 def test_gate_penalty_adds_the_mean_leaked_gate_and_closes_the_leaks():

@@ -23,15 +23,19 @@ def _sigmoid(x):
     return 1 / (1 + torch.exp(-x))
 
 
-def _appendix_b(e, W, I, O, C_inv, betas, taus, exact=True):
+def _appendix_b(e, W, I, O, C_inv, betas, taus, exact=True, joint_gates=True):
     """Several concepts computed directly in float64 (Appendix B): oblique projection
-    P = I^T (I C^-1 I^T)^-1 I C^-1 removed from e, plus the sum of the gated targets."""
+    P = I^T (I C^-1 I^T)^-1 I C^-1 removed from e, plus the sum of the gated targets (gated by the
+    projection's coordinates with `joint_gates`, else by each concept's own sim)."""
     e, W, I, O, C_inv = (t.double() for t in (e, W, I, O, C_inv))
     betas, taus = torch.tensor(betas, dtype=torch.float64), torch.tensor(taus, dtype=torch.float64)
     sims = (e @ C_inv @ I.T) / torch.einsum("nd,de,ne->n", I, C_inv, I)
     if exact:
-        P = I.T @ torch.linalg.inv(I @ C_inv @ I.T) @ I @ C_inv
+        G_inv = torch.linalg.inv(I @ C_inv @ I.T)
+        P = I.T @ G_inv @ I @ C_inv
         base = (e - e @ P.T) @ W.T
+        if joint_gates:
+            sims = e @ C_inv @ I.T @ G_inv
     else:
         base = e @ W.T - sims @ (I @ W.T)
     return base + _sigmoid((sims - betas) / taus) @ O
@@ -70,10 +74,10 @@ def test_prepare_prompt(model, cat):
         prepare_prompt(tokenizer, "a cat " * 40 + "and a {}", loaded)
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact):
+@pytest.mark.parametrize("exact, joint_gates", [(True, True), (True, False), (False, True)])
+def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact, joint_gates):
     betas, taus = [0.55, 0.7], [0.1, 0.2]
-    loaded = load_concepts(model, [cat, dog], betas, taus, exact=exact)
+    loaded = load_concepts(model, [cat, dog], betas, taus, exact=exact, joint_gates=joint_gates)
     I = torch.stack([cat.i_star, dog.i_star])
     I_super = torch.stack([cat.i_super, dog.i_super])
     C_inv = model.bank.C_inv
@@ -82,7 +86,7 @@ def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact):
         W = layer.weight
         O = I_super.double() @ W.T.double() if layer.role == "key" else \
             torch.stack([cat.o_star_v[layer.index], dog.o_star_v[layer.index]])
-        return _appendix_b(x, W, I, O, C_inv, betas, taus, exact)
+        return _appendix_b(x, W, I, O, C_inv, betas, taus, exact, joint_gates)
 
     # The whole U-Net in float64 (a copy): the patched projections against the formula put in their place.
     m64 = copy.deepcopy(model).double()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.modules.perfusion import ConceptBank, Rank1EditLinear, gated_rank1_edit, patch_cross_attention
+from ldm.modules.perfusion import ConceptBank, Rank1EditLinear, concept_gates, gated_rank1_edit, patch_cross_attention
 
 D_IN, D_OUT = 12, 7
 
@@ -64,14 +64,35 @@ def test_exact_multi_concept_is_appendix_b(n):
     betas, taus = torch.linspace(0.5, 0.8, n, dtype=torch.float64), torch.linspace(0.1, 0.2, n, dtype=torch.float64)
     # Direct: remove the C^-1-orthogonal projection of e onto span{i*_n}: P = I^T (I C^-1 I^T)^-1 I C^-1.
     It = I.T
-    P = It @ torch.linalg.inv(I @ C_inv @ It) @ I @ C_inv
+    G_inv = torch.linalg.inv(I @ C_inv @ It)
+    P = It @ G_inv @ I @ C_inv
     e_perp = e - e @ P.T
+    # Appendix B as written: each gate from its own concept's Eq. 3 sim.
     sims = (e @ C_inv @ It) / torch.einsum("nd,de,ne->n", I, C_inv, I)
-    expected = e_perp @ W.T + _sigmoid((sims - betas) / taus) @ O
-    out = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True)
-    assert torch.allclose(out, expected, atol=1e-9)
+    separate = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True, joint_gates=False)
+    assert torch.allclose(separate, e_perp @ W.T + _sigmoid((sims - betas) / taus) @ O, atol=1e-9)
+    # Joint gates (the default): the gates read the projection's coordinates in the basis i*_n.
+    coords = e @ C_inv @ It @ G_inv
+    assert torch.allclose(coords @ I, e @ P.T, atol=1e-9)
+    joint = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True)
+    assert torch.allclose(joint, e_perp @ W.T + _sigmoid((coords - betas) / taus) @ O, atol=1e-9)
     # e_perp is C^-1-orthogonal to every i*_n.
     assert torch.allclose(e_perp @ C_inv @ It, torch.zeros(2, 5, n, dtype=torch.float64), atol=1e-9)
+
+
+def test_joint_gates_open_only_for_their_own_concept():
+    """i*_1 and i*_2 far from C^-1-orthogonal: fed i*_1, Appendix B's separate sims open both gates,
+    the joint coordinates open the first alone."""
+    _, W, I, O, C_inv = _setup(2, seed=3)
+    I[1] = I[0] + 0.3 * I[1]
+    own = I[0].reshape(1, 1, -1)
+    sim, gate = concept_gates(own, I, C_inv, 0.7, 0.15)
+    assert sim[0, 0, 1] > 0.7 and gate[0, 0, 1] > 0.5
+    sim, gate = concept_gates(own, I, C_inv, 0.7, 0.15, joint=True)
+    assert torch.allclose(sim[0, 0], torch.tensor([1.0, 0.0], dtype=sim.dtype), atol=1e-6)
+    out = gated_rank1_edit(own, W, I, O, C_inv, 0.7, 0.15)
+    assert torch.allclose(out[0, 0], _sigmoid(torch.tensor(0.3 / 0.15)) * O[0] + _sigmoid(torch.tensor(-0.7 / 0.15)) * O[1],
+                          atol=1e-6)
 
 
 def test_approximate_multi_concept():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.toy.benchmark import GATE_ROWS, METHODS, SUPERCLASS, eval_scenes, judge, main as benchmark, p_above, templates
+from ldm.toy.benchmark import (GATE_ROWS, METHODS, PAIR_RULES, SUPERCLASS, eval_scenes, judge, main as benchmark,
+                               p_above, templates)
 from ldm.toy.showcase import main as showcase
-from ldm.toy.world import Scene, SceneObject
+from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from tests.conftest import ROOT
 
 
@@ -64,7 +65,10 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     assert set(results["autoencoder_ceiling"]) == {"two_tone_ring", "striped_star"}
     assert all(0 <= r["fidelity"] <= 1 for r in results["autoencoder_ceiling"].values())
     assert set(results["beta_curve"]) == {"concept", "0.1", "0.15"} and len(results["beta_curve"]["0.1"]) == 2
-    assert list(results["pairs"]) == ["two_tone_ring + striped_star"]
+    assert {rule: list(per) for rule, per in results["pairs"].items()} == {
+        rule: ["two_tone_ring + striped_star"] for rule in PAIR_RULES}
+    assert set(results["looks"]) == set(CONCEPTS)   # every look, trained in this run or not
+    assert all(0 <= r["ceiling"] <= 1 and r["words"]["images"] == 3 for r in results["looks"].values())
     # the recommendation is the evaluation harness's rule on the curve, against the superclass word's alignment
     from ldm.evaluation.harness import recommend
 
@@ -80,7 +84,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     for heading in ("## Methods", "## Beta curve", "## Two concepts in one prompt", "## Concept size and training time"):
         assert heading in report
     assert "Perfusion's fidelity" in report and "Fisher exact p" in report
-    for heading in ("## Checks", "## Gates", "## Base model"):
+    for heading in ("## Checks", "## Gates", "## Base model", "## Every concept's look, untrained"):
         assert heading in report
     assert report.count("| yes |") + report.count("| **no** |") == 12   # every check has its verdict
     for png in ("methods.png", "beta_curve.png", "samples.png"):

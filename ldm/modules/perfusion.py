@@ -28,19 +28,23 @@ def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
 GATE_AT = ("all", "all_detached", "concept")   # where the gated edit applies (see gated_rank1_edit)
 
 
-def sim_probes(i_star: torch.Tensor, C_inv: torch.Tensor, device, dtype) -> torch.Tensor:
-    """Rows p_n = C^-1 i*_n / (i*_n^T C^-1 i*_n), so that sim_n(e) = p_n . e (Eq. 3). Formed in float64
-    (C^-1 can be ill-conditioned; the result is tiny, N x d_in), returned in `dtype`."""
+def sim_probes(i_star: torch.Tensor, C_inv: torch.Tensor, device, dtype, joint: bool = False) -> torch.Tensor:
+    """Rows p_n with sim_n(e) = p_n . e. Separate (Eq. 3 for each concept): p_n = C^-1 i*_n / (i*_n^T C^-1 i*_n).
+    Joint: the rows of G^-1 I C^-1 with G = I C^-1 I^T, the coordinates in the basis i*_1..i*_N of e's
+    C^-1-projection onto their span, so that sim_n(i*_m) is 1 for n = m and 0 otherwise (for N = 1 the
+    two agree). Formed in float64 (C^-1 can be ill-conditioned; the result is tiny, N x d_in), returned
+    in `dtype`."""
     wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
     I, C_inv = i_star.to(device, wide), C_inv.to(device, wide)
     CI = I @ C_inv                                                    # rows i*_n^T C^-1
-    return (CI / (CI * I).sum(-1, keepdim=True)).to(dtype)
+    probes = torch.linalg.solve(CI @ I.T, CI) if joint else CI / (CI * I).sum(-1, keepdim=True)
+    return probes.to(dtype)
 
 
-def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau
+def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau, joint: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sim, gate), each (B, T, N) in float32 or wider: Eq. 3's sim_n(e) and sigmoid((sim - beta) / tau)
-    at every token, for each of the N concepts."""
+    """(sim, gate), each (B, T, N) in float32 or wider: Eq. 3's sim_n(e) (`joint`: see sim_probes) and
+    sigmoid((sim - beta) / tau) at every token, for each of the N concepts."""
     n = i_star.shape[0]
     dtype = torch.promote_types(e.dtype, torch.float32)
     beta = _per_concept(beta, n, "beta", e.device).to(dtype)
@@ -48,13 +52,13 @@ def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, be
     if (tau <= 0).any():
         raise UserError(f"tau must be positive, got {tau.tolist()}")
     with torch.autocast(e.device.type, enabled=False):
-        sim = e.to(dtype) @ sim_probes(i_star, C_inv, e.device, dtype).T
+        sim = e.to(dtype) @ sim_probes(i_star, C_inv, e.device, dtype, joint).T
         return sim, torch.sigmoid((sim - beta) / tau)
 
 
 def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor, o_star: torch.Tensor,
                      C_inv: torch.Tensor, beta, tau, exact: bool = True, positions: torch.Tensor | None = None,
-                     gate_at: str = "all") -> torch.Tensor:
+                     gate_at: str = "all", joint_gates: bool = True) -> torch.Tensor:
     """W'(e) for encodings e (B, T, d_in): returns (B, T, d_out) in float32 or wider.
 
     N = 1 (Eq. 3):
@@ -64,6 +68,11 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
         exact:  C^-1 = L L^T, Q R = L^T [i*_1 .. i*_N], u_n = L^-T q_n,
                 e_perp = e - sum_n u_n (u_n^T C^-1 e)
         approx: W e_perp ~ W e - sum_n sim_n(e) W i*_n   (the authors' cheaper form)
+    With `exact` and `joint_gates` (the default) the gates read the same projection: sim_n(e) are the
+    coordinates of e's projection in the basis i*_n (`sim_probes`), so e_perp = e - sum_n sim_n(e) i*_n
+    and a concept's own token opens only its own gate. Appendix B as written (`joint_gates=False`) gates
+    each concept by its own Eq. 3 sim_n, and where the i* are far from C^-1-orthogonal one concept's
+    token opens the other's gate as well (measured on the toy world: docs/toy-world.md).
     `weight` (d_out, d_in), `i_star` (N, d_in), `o_star` (N, d_out), `C_inv` (d_in, d_in);
     `beta`, `tau`: a float or N values.
 
@@ -80,7 +89,8 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     if gate_at != "all" and positions is None:
         raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
     n = i_star.shape[0]
-    sim, gate = concept_gates(e, i_star, C_inv, beta, tau)
+    joint = exact and joint_gates and n > 1 and gate_at != "concept"
+    sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint)
     dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
         e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
@@ -88,9 +98,9 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
             sim, gate = torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
         elif gate_at == "concept":
             sim, gate = sim * positions, gate * positions
-        if n == 1 or not exact or gate_at == "concept":
+        if n == 1 or not exact or gate_at == "concept" or joint:
             # N = 1 the exact projection reduces to sim(e) i*; so it does at a token that only its own
-            # concept edits ("concept"); N > 1 at every token this is the approximation.
+            # concept edits ("concept"), and with joint coordinates; otherwise this is the approximation.
             out = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
         else:
             wide = torch.float32 if e.device.type == "mps" else torch.float64
@@ -167,6 +177,7 @@ class ConceptState:
     tau: object = None
     global_locking: bool = False
     exact: bool = True                          # Appendix B's exact projection for several concepts
+    joint_gates: bool = True                    # ... with the gates read from its coordinates (gated_rank1_edit)
     gate_at: str = "all"
     unloaded: frozenset[str] = frozenset()      # placeholder words of concepts just unloaded (prompts must not use them)
 
@@ -229,6 +240,7 @@ class ConceptBank:
     tau = property(lambda self: self._state.tau)
     global_locking = property(lambda self: self._state.global_locking)
     exact = property(lambda self: self._state.exact)
+    joint_gates = property(lambda self: self._state.joint_gates)
     gate_at = property(lambda self: self._state.gate_at)
 
     @property
@@ -315,7 +327,8 @@ class ConceptBank:
         else:
             targets = self.o_key if layer.role == "key" else self.o_value
             out = gated_rank1_edit(e, layer.weight, self.i_star, targets[layer.index], self.C_inv,
-                                   self.beta, self.tau, self.exact, positions, self.gate_at).to(e.dtype)
+                                   self.beta, self.tau, self.exact, positions, self.gate_at,
+                                   self.joint_gates).to(e.dtype)
         if use_cache:
             self._cache[slot] = (context, version, out)
         return out

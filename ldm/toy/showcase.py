@@ -18,7 +18,7 @@ from ldm.errors import UserError
 from ldm.util import REPO_ROOT as ROOT
 
 CONTEXTS = (
-    ("at the top a {} and on the left a green circle", "top, green circle"),
+    ("at the top a {} and at the bottom a green circle", "top, green circle"),
     ("on a checkered background, on the right a {}", "right, checkered"),
     ("at the bottom a {} and at the top a white cross", "bottom, white cross"),
     ("on the left a red triangle and on the right a {}", "red triangle, right"),
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs/toy/perfusion.yaml"))
     p.add_argument("--beta", type=float, default=0.7)
     p.add_argument("--tau", type=float, default=0.15)
-    p.add_argument("--betas", default="0.3,0.5,0.6,0.7,0.8,0.9", help="the sweep's beta values")
+    p.add_argument("--betas", default="0.5,0.7,0.9,1.0,1.1,1.2",
+                   help="the sweep's beta values (past the concept token's sim, about 1, its gate shuts)")
     p.add_argument("--seeds", type=int, default=4, help="images per column")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--scale", type=float, default=4.0)
