@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.perfusion import concept_gates
+from ldm.modules.perfusion import concept_gates, gates_read_jointly
 
 
 @dataclass
@@ -67,7 +67,7 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     rows = model.concept_rows()
     tokens = encoder.tokenize(list(prompts)).to(model.device)
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, rows))
-    joint = bank.exact and bank.joint_gates and bank.i_star.shape[0] > 1 and bank.gate_at != "concept"
+    joint = gates_read_jointly(bank.exact, bank.joint_gates, bank.i_star.shape[0], bank.gate_at)
     sim, gate = concept_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau, joint)
     own = tokens[..., None] == torch.tensor(list(rows), device=tokens.device)
     return [GateTable(p, _labels(encoder.tokenizer, t.tolist()), o.tolist(), s.tolist(), g.tolist())

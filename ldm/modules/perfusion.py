@@ -56,6 +56,12 @@ def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, be
         return sim, torch.sigmoid((sim - beta) / tau)
 
 
+def gates_read_jointly(exact: bool, joint_gates: bool, n: int, gate_at: str) -> bool:
+    """Whether the gates read the exact projection's coordinates (`sim_probes(joint=True)`): several
+    concepts, the exact edit with `joint_gates`, and a token that more than one concept edits."""
+    return exact and joint_gates and n > 1 and gate_at != "concept"
+
+
 def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor, o_star: torch.Tensor,
                      C_inv: torch.Tensor, beta, tau, exact: bool = True, positions: torch.Tensor | None = None,
                      gate_at: str = "all", joint_gates: bool = True) -> torch.Tensor:
@@ -89,7 +95,7 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     if gate_at != "all" and positions is None:
         raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
     n = i_star.shape[0]
-    joint = exact and joint_gates and n > 1 and gate_at != "concept"
+    joint = gates_read_jointly(exact, joint_gates, n, gate_at)
     sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint)
     dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
