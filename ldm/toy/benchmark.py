@@ -291,11 +291,6 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
     bench = Bench(seeds, sample_steps)
     base = bench.base_model(seeds=1 if seeds == 1 else 3)
     log(f"measured the base model: {base}")
-    # every concept's look, trained in this run or not: through the autoencoder, and spelled in words
-    looks = {name: {"ceiling": bench.autoencoder_ceiling(eval_scenes(name, specs))["fidelity"],
-                    "words": bench.measure([], eval_scenes(name, specs), NO_CONCEPT["words"])[0]}
-             for name in CONCEPTS}
-    log("measured every concept's look without training")
     methods: dict[str, dict] = {label: {} for label, *_ in METHODS}
     gates: dict[str, dict] = {label: {} for label, _ in GATE_ROWS}
     samples = []
@@ -321,6 +316,14 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
             if name == concepts[0]:
                 samples.append(images[::bench.seeds])
         log(f"measured the methods on {name}")
+    # every concept's look, trained in this run or not: through the autoencoder, and spelled in words
+    # (for the concepts trained here, the methods' row of the look in words)
+    looks = {}
+    for name in CONCEPTS:
+        scenes = eval_scenes(name, specs)
+        words = methods[WORDS][name] if name in concepts else bench.measure([], scenes, NO_CONCEPT["words"])[0]
+        looks[name] = {"ceiling": bench.autoencoder_ceiling(scenes)["fidelity"], "words": words}
+    log("measured every concept's look without training")
 
     first = concepts[0]
     curve = {str(tau): sweep([(beta, tau) for beta in betas], lambda b, t: bench.measure(
