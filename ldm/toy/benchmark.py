@@ -193,21 +193,23 @@ class Bench:
         images = render(model or self.model, prompts, range(self.seeds), self.sampling)
         return self.verdict(images, scenes), images
 
-    def verdict(self, images: torch.Tensor, scenes: Sequence[Scene]) -> dict:
-        """The scorer's verdict on `seeds` renders per scene (prompt-major, as the harness renders)."""
-        requests = [s for s in scenes for _ in range(self.seeds)]
+    def verdict(self, images: torch.Tensor, scenes: Sequence[Scene], seeds: int | None = None) -> dict:
+        """The scorer's verdict on `seeds` (default: self.seeds) renders per scene (prompt-major, as the
+        harness renders)."""
+        requests = [s for s in scenes for _ in range(seeds or self.seeds)]
         return judge(self.scorer.score(images, requests), requests)
 
     def measure(self, concepts: Sequence[Path], scenes: Sequence[Scene], nouns_for, beta=BETA, tau=TAU,
-                global_locking: bool = False, gate_at: str = "all", **options) -> tuple[dict, torch.Tensor]:
-        """Load `concepts` (none: the base model), render the scenes' captions, judge them; `options`
-        go to load_concepts."""
+                global_locking: bool = False, gate_at: str = "all", seeds: int | None = None,
+                **options) -> tuple[dict, torch.Tensor]:
+        """Load `concepts` (none: the base model), render the scenes' captions with `seeds` (default:
+        self.seeds) each, judge them; `options` go to load_concepts."""
         prompts = templates(scenes, nouns_for)
         if not concepts:
             return self.score(prompts, scenes)
-        images = render_concepts(self.model, concepts, prompts, range(self.seeds), self.sampling, beta, tau,
-                                 global_locking=global_locking, gate_at=gate_at, **options)
-        return self.verdict(images, scenes), images
+        images = render_concepts(self.model, concepts, prompts, range(seeds or self.seeds), self.sampling,
+                                 beta, tau, global_locking=global_locking, gate_at=gate_at, **options)
+        return self.verdict(images, scenes, seeds), images
 
     def gates(self, concept, scenes: Sequence[Scene]) -> dict[str, float]:
         """At BETA/TAU, over the scenes' prompts: the median of the largest gate at a token other than
@@ -332,16 +334,19 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
                             methods[SUPERCLASS][first]["alignment"], DEFAULT_FRACTION)
     log(f"measured the beta curve on {first}; recommended: {recommended and (recommended['beta'], recommended['tau'])}")
 
+    # as many images per pair as per concept (a pair has PAIR_PROMPTS prompts, a concept len(specs))
+    pair_seeds = max(1, seeds * len(specs) // PAIR_PROMPTS)
     pairs = {rule: {} for rule in PAIR_RULES}
     for a, b in [(concepts[i], concepts[j]) for i in range(len(concepts)) for j in range(i + 1, len(concepts))]:
         number = {a: "{1}", b: "{2}"}
         for rule, joint_gates in PAIR_RULES.items():
             pairs[rule][f"{a} + {b}"] = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], pair_scenes(a, b),
-                                                      lambda o: number[o.look], BETA, TAU, joint_gates=joint_gates)[0]
+                                                      lambda o: number[o.look], BETA, TAU, seeds=pair_seeds,
+                                                      joint_gates=joint_gates)[0]
     log("measured two concepts per prompt")
 
     results = {
-        "settings": {"concepts": list(concepts), "seeds": seeds,
+        "settings": {"concepts": list(concepts), "seeds": seeds, "pair_seeds": pair_seeds,
                      "train_steps": train_steps, "finetune_steps": finetune_steps,
                      "finetune_learning_rate": full_finetune.LEARNING_RATE,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
@@ -362,6 +367,9 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 PAIR_RULES = {"joint gates": True, "separate gates": False}
 PAIR_EXAMPLE = caption(Scene((SceneObject("ring", position="left"), SceneObject("star", position="right"))),
                        nouns=["{1}", "{2}"])
+
+
+PAIR_PROMPTS = 4   # pair_scenes: both orders x (left/right, top/bottom)
 
 
 def pair_scenes(a: str, b: str) -> list[Scene]:
@@ -488,10 +496,10 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                    + (f"beta {rec['beta']}, tau {rec['tau']} ({_pct(rec['fidelity'])} / {_pct(rec['alignment'])})."
                       if rec else "none; no setting keeps that alignment.")),
               "", "![beta curve](beta_curve.png)", "", "## Two concepts in one prompt", "",
-              f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders), Perfusion with the exact multi-concept "
-              "edit (Appendix B): its gates read from the projection's coordinates (the default), or each gate "
-              "from its own concept's sim (Appendix B as written). Per cell: both appear / fidelity (each) / "
-              "alignment, %.", "",
+              f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders; {s['pair_seeds']} seeds each), "
+              "Perfusion with the exact multi-concept edit (Appendix B): its gates read from the projection's "
+              "coordinates (the default), or each gate from its own concept's sim (Appendix B as written). "
+              "Per cell: both appear / fidelity (each) / alignment, %.", "",
               "| concepts | " + " | ".join(PAIR_RULES) + " |", "|---|" + "---|" * len(PAIR_RULES)]
     for pair in results["pairs"][next(iter(PAIR_RULES))]:
         lines.append(f"| {pair} | " + " | ".join(
