@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.toy.benchmark import (GATE_ROWS, METHODS, PAIR_PROMPTS, PAIR_RULES, SUPERCLASS, eval_scenes, judge,
-                               main as benchmark, p_above, templates)
+from ldm.toy.benchmark import (GATE_ROWS, METHODS, PAIR_RULES, SUPERCLASS, eval_scenes, judge, main as benchmark,
+                               p_above, pair_scenes, templates)
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from tests.conftest import ROOT
@@ -66,8 +66,9 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     assert {rule: list(per) for rule, per in results["pairs"].items()} == {
         rule: ["two_tone_ring + striped_star"] for rule in PAIR_RULES}
     pair_seeds = results["settings"]["pair_seeds"]   # as many images per pair as per concept, at least one seed
-    assert pair_seeds == max(1, 3 * 1 // PAIR_PROMPTS)
-    assert all(r["images"] == PAIR_PROMPTS * pair_seeds for per in results["pairs"].values() for r in per.values())
+    pair_prompts = len(pair_scenes("two_tone_ring", "striped_star"))
+    assert pair_seeds == max(1, 3 * 1 // pair_prompts)
+    assert all(r["images"] == pair_prompts * pair_seeds for per in results["pairs"].values() for r in per.values())
     assert set(results["looks"]) == set(CONCEPTS)   # every look, trained in this run or not
     assert all(0 <= r["ceiling"] <= 1 and r["words"]["images"] == 3 for r in results["looks"].values())
     # the recommendation is the evaluation harness's rule on the curve, against the superclass word's alignment

@@ -187,11 +187,13 @@ class Bench:
         images = ((self.model.decode_first_stage(z).clamp(-1, 1) + 1) / 2).cpu()
         return judge(self.scorer.score(images, scenes), scenes)
 
-    def score(self, prompts: Sequence[str], scenes: Sequence[Scene], model=None) -> tuple[dict, torch.Tensor]:
-        """Render each prompt with seeds 0 .. seeds - 1 with `model` (default: the base model), judge
-        against its scene (the evaluation harness renders, as for scripts/evaluate_concept.py)."""
-        images = render(model or self.model, prompts, range(self.seeds), self.sampling)
-        return self.verdict(images, scenes), images
+    def score(self, prompts: Sequence[str], scenes: Sequence[Scene], model=None,
+              seeds: int | None = None) -> tuple[dict, torch.Tensor]:
+        """Render each prompt with seeds 0 .. seeds - 1 (default: self.seeds) with `model` (default: the
+        base model), judge against its scene (the evaluation harness renders, as for
+        scripts/evaluate_concept.py)."""
+        images = render(model or self.model, prompts, range(seeds or self.seeds), self.sampling)
+        return self.verdict(images, scenes, seeds), images
 
     def verdict(self, images: torch.Tensor, scenes: Sequence[Scene], seeds: int | None = None) -> dict:
         """The scorer's verdict on `seeds` (default: self.seeds) renders per scene (prompt-major, as the
@@ -206,7 +208,7 @@ class Bench:
         self.seeds) each, judge them; `options` go to load_concepts."""
         prompts = templates(scenes, nouns_for)
         if not concepts:
-            return self.score(prompts, scenes)
+            return self.score(prompts, scenes, seeds=seeds)
         images = render_concepts(self.model, concepts, prompts, range(seeds or self.seeds), self.sampling,
                                  beta, tau, global_locking=global_locking, gate_at=gate_at, **options)
         return self.verdict(images, scenes, seeds), images
@@ -334,13 +336,13 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
                             methods[SUPERCLASS][first]["alignment"], DEFAULT_FRACTION)
     log(f"measured the beta curve on {first}; recommended: {recommended and (recommended['beta'], recommended['tau'])}")
 
-    # as many images per pair as per concept (a pair has PAIR_PROMPTS prompts, a concept len(specs))
-    pair_seeds = max(1, seeds * len(specs) // PAIR_PROMPTS)
+    # as many images per pair as per concept: len(specs) prompts x seeds
+    pair_seeds = max(1, seeds * len(specs) // len(pair_scenes(first, first)))
     pairs = {rule: {} for rule in PAIR_RULES}
     for a, b in [(concepts[i], concepts[j]) for i in range(len(concepts)) for j in range(i + 1, len(concepts))]:
-        number = {a: "{1}", b: "{2}"}
+        number, scenes = {a: "{1}", b: "{2}"}, pair_scenes(a, b)
         for rule, joint_gates in PAIR_RULES.items():
-            pairs[rule][f"{a} + {b}"] = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], pair_scenes(a, b),
+            pairs[rule][f"{a} + {b}"] = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], scenes,
                                                       lambda o: number[o.look], BETA, TAU, seeds=pair_seeds,
                                                       joint_gates=joint_gates)[0]
     log("measured two concepts per prompt")
@@ -367,9 +369,6 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 PAIR_RULES = {"joint gates": True, "separate gates": False}
 PAIR_EXAMPLE = caption(Scene((SceneObject("ring", position="left"), SceneObject("star", position="right"))),
                        nouns=["{1}", "{2}"])
-
-
-PAIR_PROMPTS = 4   # pair_scenes: both orders x (left/right, top/bottom)
 
 
 def pair_scenes(a: str, b: str) -> list[Scene]:
