@@ -78,10 +78,10 @@ class Concept:
 
 # Every look is symmetric under a left-right flip, so flip augmentation keeps it intact.
 # Two kinds: a solid colour that lies between two of COLOURS (no caption has a word for it, but
-# the base model draws its neighbours from words), and two-colour patterns, which this base
-# model cannot draw even when they are spelled out in words (see docs/toy-world.md).
+# the base model draws its neighbours from words), and two-colour patterns, which the base
+# model draws when they are spelled out in words (see docs/toy-world.md).
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
-    # horizontal bands, 2 px each at 32x32, yellow and blue
+    # horizontal bands, 4 px each at 32x32 (2 latent pixels), yellow and blue
     Concept("striped_star", "striped star", "star", "stripes", (COLOURS["yellow"], COLOURS["blue"])),
     # red square with a 3x3 grid of white dots
     Concept("polka_dot_square", "polka-dot square", "square", "dots", (COLOURS["red"], COLOURS["white"])),
@@ -287,7 +287,7 @@ def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.
     a, b = (np.array(c, np.uint8) for c in colours)
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
     if pattern == "stripes":
-        band = side * 2 / 32  # 2 px bands at 32x32, aligned on the object's centre
+        band = side * 4 / 32  # 4 px bands at 32x32, aligned on the object's centre: 2-px bands blur in the autoencoder
         second = np.floor((ys - cy) / band) % 2 == 1
     elif pattern == "dots":
         step, radius = 0.3 * d, 0.1 * d  # 3x3 dots inside the square (half side 0.425 d)
