@@ -287,7 +287,8 @@ def _fill(obj: SceneObject, cx: float, cy: float, d: float, side: int) -> Image.
     a, b = (np.array(c, np.uint8) for c in colours)
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
     if pattern == "stripes":
-        band = side * 4 / 32  # 4 px bands at 32x32, aligned on the object's centre: 2-px bands blur in the autoencoder
+        # 4 px bands at 32x32, aligned on the object's centre (2-px bands blur in the autoencoder)
+        band = side * 4 / 32
         second = np.floor((ys - cy) / band) % 2 == 1
     elif pattern == "dots":
         step, radius = 0.3 * d, 0.1 * d  # 3x3 dots inside the square (half side 0.425 d)
