@@ -152,3 +152,44 @@ def test_text_encoder_pretraining_reads_each_object_at_its_noun(tmp_path):
                                               [f"model.params.cond_stage_ckpt={tmp_path / 'text.safetensors'}"]).model)
     assert ldm.cond_stage_model.fingerprint() == model.cond_stage_model.fingerprint()
     assert not any(p.requires_grad for p in ldm.cond_stage_model.parameters())
+
+
+def test_tail_spread_measures_only_the_end_and_padding_tokens():
+    from ldm.toy.text_encoder import ToyCaptionLabels, end_positions, tail_spread
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(load_config([ROOT / "configs/toy/text_encoder.yaml"]).model)
+    assert model.tail_weight > 0
+    eot = model.cond_stage_model.tokenizer.eot_token_id
+    tokens = model.cond_stage_model.tokenize(["on the left a red star", "at the top a blue and green striped ring"])
+    end = end_positions(tokens, eot)
+    assert tokens[0, end[0]] == eot and tokens[0, end[0] - 1] != eot
+    hidden = torch.zeros(2, tokens.shape[1], 4)
+    hidden[0, 1] = 5.0                                  # a word: not the tail's business
+    assert float(tail_spread(hidden, tokens, eot)) == 0
+    hidden[1, end[1]] = 1.0                             # one end token differs from the others
+    assert float(tail_spread(hidden, tokens, eot)) > 0
+    # the stage's loss carries the term, and training lowers it
+    data = ToyCaptionLabels(32, seed=0)
+    batch = torch.utils.data.default_collate([data[i] for i in range(32)])
+    optimizer = model.configure_optimizers()
+    with torch.no_grad():
+        first = float(model.losses(batch)["tail"])
+    for _ in range(20):
+        optimizer.zero_grad()
+        sum(model.losses(batch).values()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(model.losses(batch)["tail"]) < 0.5 * first
+
+
+def test_shipped_text_encoder_says_nothing_at_the_end_of_a_prompt():
+    """Eq. 3 reads the end token of a prompt that ends with the concept as the concept unless the
+    encoder's tail is content-free; the shipped toy encoder was pretrained so (tail_weight)."""
+    from ldm.toy.text_encoder import ToyCaptionLabels, end_token_sim
+
+    ldm = build_model(load_config([ROOT / "configs/toy/model.yaml"]), ckpt=ROOT / "ckpt/toy/toy-ldm.safetensors")
+    _, C_inv, _ = load_covariance(ROOT / "ckpt/toy/covariance.safetensors")
+    heldout = ToyCaptionLabels(200, seed=1000, split="heldout")
+    sim = end_token_sim(ldm.cond_stage_model, [heldout[i]["caption"] for i in range(200)], C_inv)
+    assert float(sim.abs().median()) < 0.05 and float(sim.abs().max()) < 0.2

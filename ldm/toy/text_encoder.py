@@ -6,10 +6,12 @@ architecture encoder gets its own pretraining here: each object's noun, the last
 phrase ("on the left a red and green striped star"), must say through linear heads the object's
 shape, colours, pattern and position, and the word `background` the background. So every object
 is described in full at its noun before the U-Net ever reads the encoder, and the noun is the
-token the localization loss, and Perfusion's key lock, tie to the object.
+token the localization loss, and Perfusion's key lock, tie to the object. The end and padding
+tokens are pulled to one encoding (`tail_weight`): in a causal encoder they would otherwise repeat
+the last noun, and Eq. 3 would read a concept named last at the end token as well.
 
     python main.py --base configs/toy/text_encoder.yaml -t   (stage 2 of `python -m ldm.toy.pretrain`)
-    python -m ldm.toy.text_encoder --ckpt logs/toy-text-encoder.safetensors   # its heads' accuracy
+    python -m ldm.toy.text_encoder --ckpt logs/toy-text-encoder.safetensors   # heads' accuracy, end token's sim
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch import nn
 
 from ldm.build import load_config
 from ldm.checkpoint import load_into
+from ldm.covariance import estimate_covariance, invert
+from ldm.evaluation.harness import DEFAULT_BETA, DEFAULT_TAU
 from ldm.toy.dataset import ToyCaptionDataset
 from ldm.toy.world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, caption
 from ldm.util import REPO_ROOT as ROOT, instantiate_from_config
@@ -55,13 +59,39 @@ class ToyCaptionLabels(ToyCaptionDataset):
         return {"caption": caption(request), "labels": labels, "background": torch.tensor(background)}
 
 
+def end_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Each row's first end token (the tokenizer always writes one)."""
+    return (tokens == eot_id).int().argmax(1)
+
+
+def tail_spread(hidden: torch.Tensor, tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Mean squared distance of the end and padding tokens' encodings from their batch mean: zero
+    when the tail of a prompt says nothing about its caption, so Eq. 3 reads no concept there."""
+    tail = torch.arange(tokens.shape[1], device=tokens.device) >= end_positions(tokens, eot_id)[:, None]
+    h = hidden[tail]
+    return (h - h.mean(0)).pow(2).mean()
+
+
+@torch.no_grad()
+def end_token_sim(encoder, captions, C_inv: torch.Tensor) -> torch.Tensor:
+    """Per caption, Eq. 3's sim at the end token with i* = the encoding of the caption's last word,
+    its noun: how much of a concept named last the end token repeats."""
+    tokens = encoder.tokenize(captions)
+    hidden = encoder.encode_embeddings(tokens, encoder.token_embedding(tokens)).double()
+    end, rows = end_positions(tokens, encoder.tokenizer.eot_token_id), torch.arange(len(tokens))
+    noun, at_end = hidden[rows, end - 1], hidden[rows, end]
+    CI = noun @ C_inv.to(noun)
+    return (CI * at_end).sum(-1) / (CI * noun).sum(-1)
+
+
 class CaptionAttributes(pl.LightningModule):
     """The text encoder of `cond_stage_config`, trainable, with one linear head per attribute read
     at each object's noun (the k-th shape word is object k's) and a background head at `background`.
     The other LatentDiffusion params are accepted and ignored, so that the config is an overlay on
     the model's own (configs/toy/text_encoder.yaml): the encoder trained is the one the U-Net reads."""
 
-    def __init__(self, cond_stage_config, learning_rate: float = 1e-3, **latent_diffusion_params):
+    def __init__(self, cond_stage_config, learning_rate: float = 1e-3, tail_weight: float = 0.0,
+                 **latent_diffusion_params):
         super().__init__()
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.cond_stage_model.requires_grad_(True)
@@ -71,16 +101,25 @@ class CaptionAttributes(pl.LightningModule):
         tokenizer = self.cond_stage_model.tokenizer
         self.register_buffer("noun_ids", torch.tensor([tokenizer.encode(s)[0] for s in SHAPES]), persistent=False)
         self.background_id = tokenizer.encode("background")[0]
-        self.learning_rate = learning_rate
+        self.learning_rate, self.tail_weight = learning_rate, tail_weight
+
+    def encode(self, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.cond_stage_model
+        tokens = encoder.tokenize(captions)
+        return tokens, encoder.encode_embeddings(tokens, encoder.token_embedding(tokens))
 
     def losses(self, batch) -> dict[str, torch.Tensor]:
-        return {k: F.cross_entropy(logits, target) for k, (logits, target) in self.predictions(batch).items()}
+        tokens, hidden = self.encode(batch["caption"])
+        out = {k: F.cross_entropy(logits, target)
+               for k, (logits, target) in self.predictions(batch, tokens, hidden).items()}
+        if self.tail_weight:
+            out["tail"] = self.tail_weight * tail_spread(hidden, tokens, self.cond_stage_model.tokenizer.eot_token_id)
+        return out
 
-    def predictions(self, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def predictions(self, batch, tokens=None, hidden=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(logits, target classes) per head, one row per noun (or per `background` word)."""
-        encoder = self.cond_stage_model
-        tokens = encoder.tokenize(batch["caption"])
-        hidden = encoder.encode_embeddings(tokens, encoder.token_embedding(tokens))
+        if tokens is None:
+            tokens, hidden = self.encode(batch["caption"])
         is_noun = torch.isin(tokens, self.noun_ids)
         rows, positions = is_noun.nonzero(as_tuple=True)          # row-major: nouns in caption order
         objects = is_noun.long().cumsum(1)[rows, positions] - 1
@@ -127,6 +166,15 @@ def main(argv=None) -> int:
     for split in ("train", "heldout"):
         acc = head_accuracy(model, ToyCaptionLabels(args.n, seed=1000, split=split, p_textured=0.3))   # heldout: no textures
         print(f"{split} captions ({args.n}): " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+    encoder = model.cond_stage_model
+    fresh = ToyCaptionDataset(args.n, seed=3)   # the covariance's captions, as pretraining draws them
+    C_inv = invert(estimate_covariance(encoder, (fresh[i]["caption"] for i in range(args.n))))
+    heldout = ToyCaptionLabels(args.n, seed=1000, split="heldout")
+    sim = end_token_sim(encoder, [heldout[i]["caption"] for i in range(args.n)], C_inv)
+    gate = torch.sigmoid((sim - DEFAULT_BETA[False]) / DEFAULT_TAU)
+    print(f"end token's sim to the last noun (Eq. 3, C over {args.n} captions), held-out captions: median "
+          f"{sim.median():.3f}, 90th percentile {sim.quantile(0.9):.3f}; its gate at beta {DEFAULT_BETA[False]}, "
+          f"tau {DEFAULT_TAU}: median {gate.median():.3f}")
     return 0
 
 
