@@ -39,6 +39,12 @@ class CovarianceError(UserError):
     """A covariance file or matrix that cannot be used; the message names the file or the problem."""
 
 
+def first_eot(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """Each row's first end-token position (B,) in token ids (B, L); L for a row without one."""
+    is_eot = tokens == eot_token_id
+    return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), torch.full_like(tokens[:, 0], tokens.shape[1]))
+
+
 def token_mask(tokens: torch.Tensor, rule: str, eot_token_id: int) -> torch.Tensor:
     """Boolean (B, L) mask of the positions that `rule` counts, from token ids (B, L).
 
@@ -52,12 +58,11 @@ def token_mask(tokens: torch.Tensor, rule: str, eot_token_id: int) -> torch.Tens
     batch, length = tokens.shape
     if rule == "all":
         return torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-    is_eot = tokens == eot_token_id
-    first_eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), torch.full_like(tokens[:, 0], length))
+    end = first_eot(tokens, eot_token_id)[:, None]
     pos = torch.arange(length, device=tokens.device)[None, :]
     if rule == "sot-words-eot":
-        return pos <= first_eot[:, None]
-    return (pos >= 1) & (pos < first_eot[:, None])
+        return pos <= end
+    return (pos >= 1) & (pos < end)
 
 
 class CovarianceAccumulator:

@@ -155,14 +155,15 @@ def test_text_encoder_pretraining_reads_each_object_at_its_noun(tmp_path):
 
 
 def test_tail_spread_measures_only_the_end_and_padding_tokens():
-    from ldm.toy.text_encoder import ToyCaptionLabels, end_positions, tail_spread
+    from ldm.covariance import first_eot
+    from ldm.toy.text_encoder import ToyCaptionLabels, tail_spread
 
     torch.manual_seed(0)
     model = instantiate_from_config(load_config([ROOT / "configs/toy/text_encoder.yaml"]).model)
     assert model.tail_weight > 0
     eot = model.cond_stage_model.tokenizer.eot_token_id
     tokens = model.cond_stage_model.tokenize(["on the left a red star", "at the top a blue and green striped ring"])
-    end = end_positions(tokens, eot)
+    end = first_eot(tokens, eot)
     assert tokens[0, end[0]] == eot and tokens[0, end[0] - 1] != eot
     hidden = torch.zeros(2, tokens.shape[1], 4)
     hidden[0, 1] = 5.0                                  # a word: not the tail's business

@@ -22,8 +22,9 @@ from torch import nn
 
 from ldm.build import load_config
 from ldm.checkpoint import load_into
-from ldm.covariance import estimate_covariance, invert
+from ldm.covariance import estimate_covariance, first_eot, invert
 from ldm.evaluation.harness import DEFAULT_BETA, DEFAULT_TAU
+from ldm.modules.perfusion import sim_probes
 from ldm.toy.dataset import ToyCaptionDataset
 from ldm.toy.world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, caption
 from ldm.util import REPO_ROOT as ROOT, instantiate_from_config
@@ -59,15 +60,10 @@ class ToyCaptionLabels(ToyCaptionDataset):
         return {"caption": caption(request), "labels": labels, "background": torch.tensor(background)}
 
 
-def end_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """Each row's first end token (the tokenizer always writes one)."""
-    return (tokens == eot_id).int().argmax(1)
-
-
 def tail_spread(hidden: torch.Tensor, tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Mean squared distance of the end and padding tokens' encodings from their batch mean: zero
     when the tail of a prompt says nothing about its caption, so Eq. 3 reads no concept there."""
-    tail = torch.arange(tokens.shape[1], device=tokens.device) >= end_positions(tokens, eot_id)[:, None]
+    tail = torch.arange(tokens.shape[1], device=tokens.device) >= first_eot(tokens, eot_id)[:, None]
     h = hidden[tail]
     return (h - h.mean(0)).pow(2).mean()
 
@@ -77,11 +73,10 @@ def end_token_sim(encoder, captions, C_inv: torch.Tensor) -> torch.Tensor:
     """Per caption, Eq. 3's sim at the end token with i* = the encoding of the caption's last word,
     its noun: how much of a concept named last the end token repeats."""
     tokens = encoder.tokenize(captions)
-    hidden = encoder.encode_embeddings(tokens, encoder.token_embedding(tokens)).double()
-    end, rows = end_positions(tokens, encoder.tokenizer.eot_token_id), torch.arange(len(tokens))
-    noun, at_end = hidden[rows, end - 1], hidden[rows, end]
-    CI = noun @ C_inv.to(noun)
-    return (CI * at_end).sum(-1) / (CI * noun).sum(-1)
+    hidden = encoder.encode_embeddings(tokens, encoder.token_embedding(tokens))
+    end, rows = first_eot(tokens, encoder.tokenizer.eot_token_id), torch.arange(len(tokens))
+    probes = sim_probes(hidden[rows, end - 1], C_inv, hidden.device, torch.float64)   # one i* per caption
+    return (probes * hidden[rows, end].double()).sum(-1)
 
 
 class CaptionAttributes(pl.LightningModule):
