@@ -317,7 +317,8 @@ def replay_i_super(config, seed: int, ranks: list[int], start_step: int = 0, i_s
     drew from `start_step` on (continuing the moving average `i_super` of a resumed run).
 
     Each rank draws its samples with the step sampler seeded (seed, rank, start step) and its
-    templates from the dataset generator seeded with seed + rank (SeedPerRank). With equal batch
+    templates from the dataset generator seeded with seed + rank (SeedPerRank); the targets read the
+    target templates in turn by step (or, with target_templates=captions, those captions). With equal batch
     sizes the mean over ranks of each rank's batch mean, which the model all-reduces, is the mean
     over the concatenated batch. i_super depends only on the frozen text encoder, not on training.
     """
@@ -334,10 +335,14 @@ def replay_i_super(config, seed: int, ranks: list[int], start_step: int = 0, i_s
     if i_super is not None:
         model.i_super.copy_(i_super)
         model.initialized.fill_(True)
-    for batches in zip(*per_rank):
-        captions = [c for batch in batches for c in batch["caption"]]
-        captions_super = [c for batch in batches for c in batch["caption_super"]]
-        model.update_targets(model.cond_stage_model.tokenize(captions), captions, captions_super)
+    for k, batches in enumerate(zip(*per_rank)):
+        if model.target_templates is None:   # the images' captions, concatenated over ranks
+            captions = [c for batch in batches for c in batch["caption"]]
+            captions_super = [c for batch in batches for c in batch["caption_super"]]
+            model.update_targets(model.cond_stage_model.tokenize(captions), captions, captions_super)
+        else:   # every rank reads the same templates, taken in turn by optimizer step
+            step = start_step + k // trainer.accumulate_grad_batches
+            model.update_targets(*model.template_targets(batch_size, step))
     return model.i_super.clone()
 
 
@@ -345,7 +350,8 @@ def test_two_process_ddp_on_cpu(first_run, tmp_path):
     """Two CPU processes (gloo): one run directory, and both ranks end with the same concept
     (PerfusionLatentDiffusion.on_train_end all-gathers it and raises if the ranks differ)."""
     argv = ["--base", str(PERFUSION), str(first_run.config), "-t", "--accelerator", "cpu", "--devices", "2",
-            "--strategy", "ddp", "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=3"]
+            "--strategy", "ddp", "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=3",
+            "model.params.target_templates=captions"]   # targets from each rank's own batch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True, text=True,
@@ -359,7 +365,8 @@ def test_two_process_ddp_on_cpu(first_run, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert len(list((run_dir / "configs").iterdir())) == 1  # rank 1 wrote nothing of its own
     # The targets are averaged over both ranks' batches (update_targets all-reduces), not rank 0's alone.
-    config = load_config([PERFUSION, first_run.config], ["lightning.trainer.max_steps=3"])
+    config = load_config([PERFUSION, first_run.config], ["lightning.trainer.max_steps=3",
+                                                         "model.params.target_templates=captions"])
     assert (concept.i_super - replay_i_super(config, seed=23, ranks=[0, 1])).abs().max() < 1e-5
     assert (concept.i_super - replay_i_super(config, seed=23, ranks=[0])).abs().max() > 1e-3
 

@@ -56,11 +56,12 @@ def test_training_changes_the_concept_and_nothing_else():
 
 
 def test_a_training_step_encodes_the_concept_prompts_once_with_the_same_result(monkeypatch):
-    """The concept prompts are encoded once per step (the targets' EMA reads them detached), and the
-    step is what encoding them separately for the targets gave: the same loss and concept."""
+    """With the targets over the images' captions, the concept prompts are encoded once per step (the
+    targets' EMA reads them detached), and the step is what encoding them separately for the targets
+    gave: the same loss and concept."""
     results = []
     for once in (True, False):
-        m = tiny_perfusion_model()
+        m = tiny_perfusion_model("model.params.target_templates=captions")
         m.ensure_covariance()   # estimated from captions once, before the counting starts
         encoder = m.cond_stage_model
         calls = []
@@ -75,6 +76,43 @@ def test_a_training_step_encodes_the_concept_prompts_once_with_the_same_result(m
     (loss_a, emb_a, istar_a, calls_a), (loss_b, emb_b, istar_b, calls_b) = results
     assert calls_a == 4 and calls_b == 6     # per step: the concept and the superclass prompts (before: +1)
     assert loss_a == loss_b and torch.equal(emb_a, emb_b) and torch.equal(istar_a, istar_b)
+
+
+def test_targets_average_the_target_templates_not_the_captions(tmp_path):
+    """i* and i_super are read at the concept word of the target templates, taken in turn; the images'
+    captions only reach the loss."""
+    from ldm.data.templates import fill
+
+    file = tmp_path / "templates.txt"
+    file.write_text("# comment\na {} in the snow\n\na {} on a table\na cropped photo of a {}\n")
+    m = tiny_perfusion_model(f"model.params.target_templates={file}")
+    assert m.target_templates == ["a {} in the snow", "a {} on a table", "a cropped photo of a {}"]
+    _, prompts, supers = m.template_targets(4, step=0)   # in turn, wrapping round
+    assert m.template_targets(2, step=1)[1] == prompts[2:]   # step 1 goes on where step 0 stopped
+    assert prompts == [fill(t, m.placeholder) for t in m.target_templates + m.target_templates[:1]]
+    torch.manual_seed(0)
+    m.shared_step(perfusion_batch(m, n=2))   # step 0, the first batch: templates 0 and 1
+    enc = m.cond_stage_model
+    sup = enc.encode(supers[:2])
+    pos = [enc.tokenize([c])[0].tolist().index(m.superclass_ids[-1]) for c in supers[:2]]
+    assert torch.allclose(m.i_super, torch.stack([sup[i, p] for i, p in enumerate(pos)]).mean(0), atol=1e-5)
+    captions = tiny_perfusion_model("model.params.target_templates=captions")
+    assert captions.target_templates is None
+
+
+@pytest.mark.parametrize("value,message", [
+    ([], "must be a non-empty list of templates"),
+    (["a photo of a {}", "no placeholder"], "with one '{}' each"),
+    ("missing-templates.txt", "cannot read missing-templates.txt"),
+    ("a photo of a {}", "is one template; give a list"),
+    (5, "must be a non-empty list of templates"),
+])
+def test_bad_target_templates_are_one_line_errors(value, message):
+    from ldm.errors import UserError
+    from ldm.models.diffusion.perfusion import _target_templates
+
+    with pytest.raises(UserError, match=message):
+        _target_templates(value)
 
 
 def test_first_batch_initialises_targets(model):
@@ -168,7 +206,7 @@ def test_bad_placeholder_or_superclass(override, match):
 
 
 def test_template_without_placeholder(model):
-    m = tiny_perfusion_model()
+    m = tiny_perfusion_model("model.params.target_templates=captions")   # the targets read the captions
     batch = perfusion_batch(m)
     batch["caption"][1] = "a photo of a cat"
     with pytest.raises(ValueError, match="not found in prompt 'a photo of a cat'"):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.toy.benchmark import (GATE_ROWS, METHODS, PAIR_RULES, SUPERCLASS, eval_scenes, judge, main as benchmark,
-                               p_above, pair_scenes, templates)
+from ldm.toy import fewshot
+from ldm.toy.benchmark import (GATE_ROWS, METHODS, NARROW_METHODS, PAIR_RULES, SUPERCLASS, VARIANTS, eval_scenes, judge,
+                               main as benchmark, p_above, pair_scenes, templates)
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from tests.conftest import ROOT
@@ -53,12 +54,14 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
     assert benchmark(["--out", str(out), "--quick", "--concepts", "two_tone_ring,striped_star"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == [label for label, *_ in METHODS]
+    trained = {v.key for v in VARIANTS}   # without --gate_study
+    assert list(results["methods"]) == [label for label, key, *_ in METHODS if key in trained or key in (
+        "words", "superclass", "full_unet")]
     assert 0 <= results["base_model"]["overall"] <= 1 and results["base_model"]["noun_localization"] > 0
     for per in results["gates"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= g["median_max_other_gate"] <= 1 and g["others_open"] >= 0 for g in per.values())
-    assert set(results["gates"]) == {label for label, _ in GATE_ROWS}
+    assert set(results["gates"]) == {label for label, key in GATE_ROWS if key in ("init", "perfusion")}
     for per in results["methods"].values():
         assert set(per) == {"two_tone_ring", "striped_star"}
         assert all(0 <= r["fidelity"] <= 1 and 0 <= r["alignment"] <= 1 and r["images"] == 3 for r in per.values())
@@ -88,10 +91,41 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     assert "Perfusion's fidelity" in report and "Fisher exact p" in report
     for heading in ("## Checks", "## Gates", "## Base model", "## Every concept's look, untrained"):
         assert heading in report
-    assert report.count("| yes |") + report.count("| **no** |") == 12   # every check has its verdict
-    for png in ("methods.png", "beta_curve.png", "samples.png"):
+    assert report.count("| yes |") + report.count("| **no** |") == 12 + 4   # every check has its verdict
+    # the few-shot regime: every curve of Fig. 9's panels over the narrow betas, the methods table from them
+    narrow = results["narrow"]
+    assert list(narrow["methods"]) == [label for label, _ in NARROW_METHODS]
+    assert set(narrow["curves"]) == {fewshot.curve_key(c) for c in fewshot.curves()}
+    for points in narrow["curves"].values():
+        assert [p["beta"] for p in points] == [0.5, 0.7]
+        for p in points:
+            low, high = p["fidelity_ci"]
+            assert low <= p["fidelity"] <= high and set(p["per_concept"]) == {"two_tone_ring", "striped_star"}
+    assert all(r["images"] == 3 for per in narrow["methods"].values() for r in per.values())
+    assert "## Few photos of one layout (main table)" in report and "### The paper's ablations (Fig. 9)" in report
+    one_image = out / "runs/narrow-1/two_tone_ring"
+    assert len(list(one_image.glob("*.png"))) == 1 and "narrow one_image" in results["training"]["two_tone_ring"]
+    for png in ("methods.png", "beta_curve.png", "samples.png", "fig9.png"):
         with Image.open(out / png) as im:
             im.verify()
+
+
+@pytest.mark.parametrize("hits,n", [(0, 96), (13, 96), (48, 96), (96, 96), (7, 10)])
+def test_intervals_are_wilson_score_intervals(hits, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert fewshot.wilson(hits, n) == pytest.approx((expected.low, expected.high), abs=1e-6)
+
+
+def test_pooled_counts_every_look_and_attribute_once():
+    per = {"a": {"fidelity": 0.5, "looks": 10, "alignment": 1.0, "attributes": 30},
+           "b": {"fidelity": 1.0, "looks": 30, "alignment": 0.5, "attributes": 10}}
+    pooled = fewshot.pooled(per)
+    assert pooled["fidelity"] == pytest.approx(35 / 40) and pooled["alignment"] == pytest.approx(35 / 40)
+    assert pooled["fidelity_ci"] == pytest.approx(fewshot.wilson(35, 40))
+    assert fewshot.best_at_bar([{"beta": 0.3, "fidelity": 0.9, "alignment": 0.8},
+                                {"beta": 0.7, "fidelity": 0.6, "alignment": 0.95}], bar=0.9)["beta"] == 0.7
 
 
 def test_autoencoder_ceiling_reads_reconstructed_renders():

@@ -15,13 +15,15 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ldm.data.personalized import PersonalizedDataset
+from ldm.errors import UserError
 from ldm.toy.dataset import ToyCaptionDataset
 from ldm.toy.eval_scorer import _scenes, wrong_requests
-from ldm.toy.make_concepts import concept_scenes, write_concepts
+from ldm.toy.make_concepts import (TEMPLATES_FILE, concept_scenes, main as make_concepts, target_templates,
+                                   write_concepts)
 from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
 from ldm.toy.train_scorer import degrade, render_set
-from ldm.toy.world import (COLOURS, CONCEPTS, HELD_OUT, SHAPES, Scene, SceneObject, caption,
-                           contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
+from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, HELD_OUT, POSITION_PHRASES, POSITIONS, SHAPES, Scene,
+                           SceneObject, caption, contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
                            sample_scene)
 from ldm.util import instantiate_from_config
 
@@ -145,6 +147,47 @@ def test_shipped_concepts_are_current_and_load_as_perfusion_data(tmp_path):
     scenes = concept_scenes("striped_star")
     assert [len(s.objects) for s in scenes] == [1] * 5 + [2] * 3
     assert all(s.objects[-1].look == "striped_star" for s in scenes)
+
+
+def test_narrow_sets_are_one_layout_and_one_caption_and_shipped_current(tmp_path):
+    """A user's few photos: every image in the centre on black under one caption, only size and
+    offset jittered; the one-image set is the six-image set's first image; the committed files are
+    what the command writes."""
+    assert make_concepts(["--layout", "narrow", "--out", str(tmp_path / "six")]) == 0
+    index = json.loads((tmp_path / "six/concepts.json").read_text())
+    assert index["layout"] == "narrow"
+    shipped = ROOT / "data/toy/concepts-narrow"
+    assert json.loads((shipped / "concepts.json").read_text()) == index
+    one = write_concepts(tmp_path / "one", count=1, layout="narrow")
+    for entry, first in zip(index["concepts"], one["concepts"]):
+        images = entry["images"]
+        assert len(images) == 6 and not any(i["company"] for i in images)
+        assert {(i["position"], i["background"], i["template"]) for i in images} == {
+            ("centre", "black", "on a black background, in the centre a {}")}
+        assert len({i["size"] for i in images}) == 6   # jittered, not copies
+        assert first["images"] == images[:1]
+        for image in images:
+            for rel in (image["file"], image["mask"]):
+                assert (shipped / entry["name"] / rel).read_bytes() == (tmp_path / "six" / entry["name"] / rel).read_bytes()
+    with pytest.raises(UserError, match="layout must be one of covering, narrow"):
+        concept_scenes("teal_ring", layout="wide")
+
+
+def test_target_templates_vary_the_context_and_stay_out_of_the_benchmark():
+    from ldm.toy.benchmark import eval_scenes, templates
+
+    made = target_templates()
+    assert [line for line in TEMPLATES_FILE.read_text().splitlines() if not line.startswith("#")] == made
+    assert len(set(made)) == len(made) and all(t.count("{}") == 1 for t in made)
+    assert {p for p in POSITIONS if any(f"{POSITION_PHRASES[p]} a {{}}" in t for t in made)} == set(POSITIONS)
+    assert all(any(f"on a {b} background" in t for t in made) for b in BACKGROUNDS)
+    pairs = [t for t in made if " and " in t]   # the concept named after its company, and before it
+    assert any(t.index("{}") > t.index(" and ") for t in pairs) and any(t.index("{}") < t.index(" and ") for t in pairs)
+    # no plain object of the benchmark's prompts is a companion here
+    prompts = {p for c in CONCEPTS for p in templates(eval_scenes(c), lambda o: "{}")}
+    company = {f"{o.colour} {o.shape}" for c in CONCEPTS for s in eval_scenes(c) for o in s.objects if o.colour}
+    assert company and not any(word in t for word in company for t in made)
+    assert prompts - set(made)   # the two-object prompts are new
 
 
 def test_dataset_batches_through_main_config():

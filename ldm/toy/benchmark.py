@@ -1,14 +1,17 @@
 """The toy-world benchmark: does Perfusion do what the paper claims, measured by the scorer?
 
-    python -m ldm.toy.benchmark --out reports/toy-benchmark            # ~25 min on 2 CPU cores
-    python -m ldm.toy.benchmark --out /tmp/bench --quick               # smoke version (seconds)
+    python -m ldm.toy.benchmark --out reports/toy-benchmark            # ~40 min on 2 CPU cores
+    python -m ldm.toy.benchmark --out /tmp/bench --quick               # smoke version (a minute)
 
-Trains every concept of data/toy/concepts with configs/toy/perfusion.yaml (main.py's own
-training loop) as Perfusion, with trained keys instead of locked ones (the paper's ablation),
-as textual inversion (the embedding alone), as Perfusion without the mask and as the gate study's
-variants (sim detached at other tokens, the edit at the concept token only, the leaked gates
-penalised), then renders a fixed set of prompts that were never used in training and lets the
-scorer judge every image:
+Two regimes, each concept trained with configs/toy/perfusion.yaml (main.py's own training loop):
+
+- few photos of one layout (data/toy/concepts-narrow, the main table; ldm.toy.fewshot): Perfusion
+  and the paper's ablations (Fig. 9), each a curve over beta with 95 % intervals;
+- layout-covering sets (data/toy/concepts): Perfusion, with trained keys instead of locked ones,
+  as textual inversion (the embedding alone) and without the mask.
+
+Every concept is then drawn from a fixed set of prompts never used in training, and the scorer
+judges every image:
 
 - concept fidelity: the concept's look (its colour, or pattern and colours) is seen on the object that names it;
 - text alignment: every other requested attribute (positions, background, the other object's
@@ -38,7 +41,7 @@ import torch
 from ldm.errors import UserError
 from ldm.evaluation.harness import (DEFAULT_BETA, DEFAULT_FRACTION, DEFAULT_TAU, Sampling, concepts_loaded,
                                     recommend, render, render_concepts, sweep)
-from ldm.toy import full_finetune
+from ldm.toy import fewshot, full_finetune
 from ldm.toy.world import COLOUR_CONCEPTS, CONCEPTS, Scene, SceneObject, caption, look_words
 from ldm.util import REPO_ROOT as ROOT
 
@@ -76,18 +79,27 @@ class Variant:
     gate_at: str = "all"
     gate_penalty: float = 0.0
 
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return (f"model.params.method={self.method}", f"data.params.use_masks={self.masks}",
+                f"model.params.gate_at={self.gate_at}", f"model.params.gate_penalty={self.gate_penalty}")
+
 
 VARIANTS = (Variant("perfusion", "perfusion", True), Variant("trained_keys", "trained_keys", True),
-            Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False),
-            Variant("perfusion_detached", "perfusion", True, "all_detached"),
-            Variant("perfusion_gate_concept", "perfusion", True, "concept"),
-            Variant("perfusion_gate_penalty", "perfusion", True, gate_penalty=GATE_PENALTY))
-# The gate study: sim and gate at the other tokens at initialisation and after training with each rule.
+            Variant("embedding", "embedding", True), Variant("perfusion_no_mask", "perfusion", False))
+# The gate study (`--gate_study`): the same training with sim detached at other tokens, with the edit
+# at the concept token only and with the leaked gates penalised.
+GATE_STUDY = (Variant("perfusion_detached", "perfusion", True, "all_detached"),
+              Variant("perfusion_gate_concept", "perfusion", True, "concept"),
+              Variant("perfusion_gate_penalty", "perfusion", True, gate_penalty=GATE_PENALTY))
+# Sim and gate at the other tokens at initialisation and after training with each rule.
 GATE_ROWS = (("At initialisation (i* = i_super, superclass embedding)", "init"),
              ("Trained with Eq. 3 at every token", "perfusion"),
              ("Trained with sim detached at other tokens", "perfusion_detached"),
              ("Trained with the edit at the concept token only", "perfusion_gate_concept"),
              (f"Trained with the leaked gates penalised (gate_penalty {GATE_PENALTY:g})", "perfusion_gate_penalty"))
+NARROW_GATE_ROWS = (("Trained, i* and i_super over the target templates (default)", "perfusion"),
+                    ("Trained, i* and i_super over the images' captions", "targets_from_captions"))
 SUPERCLASS = "Superclass word, no concept"
 WORDS = "The look in words (a solid colour: its nearest colour word), no concept"
 FULL_UNET = "Whole U-Net fine-tuned, superclass word (reference)"
@@ -149,7 +161,7 @@ def judge(results: Sequence[dict], scenes: Sequence[Scene]) -> dict[str, float]:
             others.append(bool(result["background"]))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"fidelity": mean(looks), "alignment": mean(others), "both": mean(both), "images": len(results),
-            "looks": len(looks)}
+            "looks": len(looks), "attributes": len(others)}
 
 
 def p_above(hits: int, n: int, floor_hits: int, floor_n: int) -> float:
@@ -259,24 +271,46 @@ class Bench:
                 "noun_localization": noun_localization(self.model, scenes)}
 
 
-def train_concept(name: str, variant: Variant, steps: int, logdir: Path) -> tuple[Path, float]:
-    """Train with main.py's loop; returns (concept file, wall seconds)."""
+def train_concept(name: str, run_name: str, overrides: Sequence[str], steps: int, logdir: Path,
+                  data: Path = CONCEPT_DIR) -> tuple[Path, float]:
+    """Train on `data`/`name` with main.py's loop and `overrides`; returns (concept file, wall seconds)."""
     from ldm import train
 
     info = CONCEPTS[name]
-    overrides = [f"data.params.data_root={CONCEPT_DIR / name}", f"model.params.superclass={info.shape}",
-                 f"model.params.method={variant.method}", f"data.params.use_masks={variant.masks}",
-                 f"model.params.gate_at={variant.gate_at}", f"model.params.gate_penalty={variant.gate_penalty}",
+    overrides = [f"data.params.data_root={data / name}", f"model.params.superclass={info.shape}", *overrides,
                  "lightning.callbacks.image_logger.every_n_steps=1000000", f"lightning.trainer.max_steps={steps}"]
     start = time.perf_counter()
-    trainer = train.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{variant.key}", "--logdir", str(logdir),
+    trainer = train.run(["--base", str(CONFIG), "-t", "--name", f"{name}-{run_name}", "--logdir", str(logdir),
                         *overrides])
     seconds = time.perf_counter() - start
     return Path(trainer.default_root_dir) / "concepts" / "last.safetensors", seconds
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def train_all(jobs: dict[tuple[str, str], tuple], workers: int, log=print) -> dict[tuple[str, str], tuple[Path, float]]:
+    """train_concept(*args) for every job, in `workers` processes of one torch thread each (the toy
+    model is too small to keep two threads busy: two one-thread runs side by side finish 1.6x sooner
+    than one after the other with two threads); key -> (concept file, wall seconds)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers == 1:
+        done = {key: train_concept(*args) for key, args in jobs.items()}
+    else:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+            futures = {key: pool.submit(train_concept, *args) for key, args in jobs.items()}
+            done = {key: future.result() for key, future in futures.items()}
+    for (name, key), (_, seconds) in done.items():
+        log(f"trained {name} / {key} in {seconds:.0f} s")
+    return done
+
+
 def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int, sample_steps: int,
         specs: Sequence[tuple], betas: Sequence[float], finetune_steps: int = full_finetune.STEPS,
+        narrow_betas: Sequence[float] = fewshot.BETAS, gate_study: bool = False, workers: int = 2,
         log=print) -> dict:
     from ldm.build import load_config
 
@@ -284,34 +318,40 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
     out.mkdir(parents=True, exist_ok=True)
     logdir = out / "runs"
     started = time.perf_counter()
-    files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
-    training = {c: {} for c in concepts}
+    variants = VARIANTS + (GATE_STUDY if gate_study else ())
+    methods_used = [m for m in METHODS if m[1] in {v.key for v in variants} | set(NO_CONCEPT)]
+    gate_rows = [g for g in GATE_ROWS if g[1] in {v.key for v in variants} | {"init"}]
+    jobs = {}
     for name in concepts:
-        for variant in VARIANTS:
-            path, seconds = train_concept(name, variant, train_steps, logdir)
-            files[name][variant.key] = path
-            training[name][variant.key] = {"seconds": round(seconds, 1), "bytes": path.stat().st_size}
-            log(f"trained {name} / {variant.key} in {seconds:.0f} s")
+        for variant in fewshot.VARIANTS:
+            jobs[name, f"narrow {variant.key}"] = (name, f"narrow-{variant.key}", variant.overrides, train_steps,
+                                                   logdir, fewshot.data_dir(out, variant))
+        for variant in variants:
+            jobs[name, variant.key] = (name, variant.key, variant.overrides, train_steps, logdir)
+    trained = train_all(jobs, workers, log)
+    files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
+    narrow_files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
+    training = {c: {} for c in concepts}
+    for (name, key), (path, seconds) in trained.items():
+        table, variant = (narrow_files, key.removeprefix("narrow ")) if key.startswith("narrow ") else (files, key)
+        table[name][variant] = path
+        training[name][key] = {"seconds": round(seconds, 1), "bytes": path.stat().st_size}
 
     bench = Bench(seeds, sample_steps)
     base = bench.base_model(seeds=1 if seeds == 1 else 3)
     log(f"measured the base model: {base}")
-    methods: dict[str, dict] = {label: {} for label, *_ in METHODS}
-    gates: dict[str, dict] = {label: {} for label, _ in GATE_ROWS}
+    methods: dict[str, dict] = {label: {} for label, *_ in methods_used}
+    gates: dict[str, dict] = {label: {} for label, _ in gate_rows}
     samples = []
     for name in concepts:
         scenes = eval_scenes(name, specs)
-        for label, key in GATE_ROWS:
+        for label, key in gate_rows:
             concept = bench.initial_concept(files[name]["perfusion"]) if key == "init" else files[name][key]
             gates[label][name] = bench.gates(concept, scenes)
-        for label, key, global_locking, gate_at in METHODS:
+        for label, key, global_locking, gate_at in methods_used:
             if key == "full_unet":
-                model, seconds = full_finetune.finetune(CONCEPT_DIR / name, CONCEPTS[name].shape, finetune_steps)
-                unet_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
-                training[name][key] = {"seconds": round(seconds, 1), "bytes": unet_bytes}
-                result, images = bench.score(templates(scenes, NO_CONCEPT[key]), scenes, model)
-                log(f"fine-tuned the whole U-Net on {name} in {seconds:.0f} s")
-                del model
+                result, images = finetuned(bench, CONCEPT_DIR, name, scenes, finetune_steps, training[name], key)
+                log(f"fine-tuned the whole U-Net on {name} in {training[name][key]['seconds']:.0f} s")
             elif key in NO_CONCEPT:
                 result, images = bench.measure([], scenes, NO_CONCEPT[key])
             else:
@@ -347,22 +387,85 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
                                                       lambda o: number[o.look], BETA, TAU, seeds=pair_seeds,
                                                       joint_gates=joint_gates)[0]
     log("measured two concepts per prompt")
+    narrow = measure_narrow(bench, narrow_files, concepts, specs, narrow_betas, methods, finetune_steps, training,
+                            log)
 
     results = {
         "settings": {"concepts": list(concepts), "seeds": seeds, "pair_seeds": pair_seeds,
                      "train_steps": train_steps, "finetune_steps": finetune_steps,
                      "finetune_learning_rate": full_finetune.LEARNING_RATE,
                      "sample_steps": sample_steps, "guidance": bench.scale, "prompts": len(specs),
-                     "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads()},
-        "base_model": base, "looks": looks, "gates": gates, "methods": methods,
+                     "beta": BETA, "beta_global": BETA_GLOBAL, "tau": TAU, "threads": torch.get_num_threads(),
+                     "training_workers": workers,
+                     "narrow_images": len(list((fewshot.NARROW_DIR / concepts[0]).glob("*.png"))),
+                     "looks_per_point": seeds * len(specs) * len(concepts)},
+        "narrow": narrow, "base_model": base, "looks": looks, "gates": gates, "methods": methods,
         "beta_curve": {"concept": first, **curve},
         "recommendation": recommended,
         "pairs": pairs, "training": training,
         "prompts": templates(eval_scenes(first, specs), lambda o: "{}"),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(out, results, torch.cat(samples), [label for label, *_ in METHODS])
+    write_report(out, results, torch.cat(samples), [label for label, *_ in methods_used])
     return results
+
+
+def finetuned(bench: Bench, data: Path, name: str, scenes: Sequence[Scene], steps: int, training: dict,
+              key: str) -> tuple[dict, torch.Tensor]:
+    """The whole-U-Net reference fine-tuned on `data`/`name`, judged on `scenes`; its time and size go
+    to `training`[`key`]."""
+    model, seconds = full_finetune.finetune(data / name, CONCEPTS[name].shape, steps)
+    training[key] = {"seconds": round(seconds, 1),
+                     "bytes": sum(p.numel() * p.element_size() for p in model.model.parameters())}
+    return bench.score(templates(scenes, NO_CONCEPT["full_unet"]), scenes, model)
+
+
+NARROW_METHODS = (   # (row label, fewshot curve, or a variant measured at the default gates)
+    ("Perfusion (default settings)", fewshot.Curve()),
+    ("Perfusion, global key-locking", fewshot.Curve(global_locking=True)),
+    ("Perfusion, i* and i_super over the images' captions", fewshot.Curve("targets_from_captions")),
+    ("Trained keys (ablation)", fewshot.Curve("trained_keys")),
+    ("Perfusion, no mask in training", fewshot.Curve("no_mask")),
+    ("Perfusion, 1 image", fewshot.Curve("one_image")),
+    ("Embedding only (textual inversion)", "embedding"),
+    (WORDS, "words"), (SUPERCLASS, "superclass"),
+    ("Whole U-Net fine-tuned on the same images, superclass word (reference)", "full_unet"),
+)
+
+
+def measure_narrow(bench: Bench, files: dict, concepts: Sequence[str], specs, betas: Sequence[float],
+                   covering_methods: dict, finetune_steps: int, training: dict, log=print) -> dict:
+    """The few-shot regime: every fewshot curve over `betas`, the methods table at the default gates
+    (the rows without a concept are the covering regime's, which no training touched) and the gates."""
+    curves = {}
+    for curve in fewshot.curves():
+        points = []
+        for beta in betas:
+            per = {name: bench.measure([files[name][curve.variant]], eval_scenes(name, specs), lambda o: "{}", beta,
+                                       curve.tau, curve.global_locking)[0] for name in concepts}
+            points.append({"beta": beta, "tau": curve.tau, **fewshot.pooled(per), "per_concept": per})
+        curves[fewshot.curve_key(curve)] = points
+        log(f"measured the narrow curve {fewshot.curve_key(curve)}")
+    methods = {}
+    for label, source in NARROW_METHODS:
+        if isinstance(source, fewshot.Curve):
+            beta = BETA_GLOBAL if source.global_locking else BETA
+            methods[label] = next(p for p in curves[fewshot.curve_key(source)] if p["beta"] == beta)["per_concept"]
+            continue
+        methods[label] = {}
+        for name in concepts:
+            scenes = eval_scenes(name, specs)
+            if source == "full_unet":
+                methods[label][name] = finetuned(bench, fewshot.NARROW_DIR, name, scenes, finetune_steps,
+                                                 training[name], "narrow full_unet")[0]
+            elif source == "embedding":
+                methods[label][name] = bench.measure([files[name][source]], scenes, lambda o: "{}")[0]
+            else:
+                methods[label][name] = covering_methods[{"words": WORDS, "superclass": SUPERCLASS}[source]][name]
+    gates = {label: {name: bench.gates(files[name][key], eval_scenes(name, specs)) for name in concepts}
+             for label, key in NARROW_GATE_ROWS}
+    log("measured the narrow regime's methods and gates")
+    return {"curves": curves, "methods": methods, "gates": gates, "betas": list(betas)}
 
 
 # the exact multi-concept edit with its gates read from the projection's coordinates (the default),
@@ -430,6 +533,56 @@ def checks(results: dict, labels: Sequence[str]) -> list[tuple[str, str, bool]]:
     ]
 
 
+def narrow_checks(results: dict) -> list[tuple[str, str, bool]]:
+    """(what, measured, holds) for the few-shot regime at the default settings."""
+    methods = results["narrow"]["methods"]
+    labels = [label for label, _ in NARROW_METHODS]
+    perfusion, floor, full = (_mean(methods[label]) for label in (labels[0], SUPERCLASS, labels[-1]))
+    worst = min(r["fidelity"] for r in methods[labels[0]].values())
+    return [
+        ("Perfusion mean fidelity in new contexts >= 70 %", _pct(perfusion["fidelity"]), perfusion["fidelity"] >= 0.7),
+        ("every concept's fidelity >= 50 %", _pct(worst), worst >= 0.5),
+        ("Perfusion alignment within 5 points of the superclass word's",
+         f"{_pct(perfusion['alignment'])} against {_pct(floor['alignment'])}",
+         perfusion["alignment"] >= floor["alignment"] - 0.05),
+        ("Perfusion fidelity >= 0.8x the whole U-Net fine-tuned on the same images",
+         f"{perfusion['fidelity'] / max(full['fidelity'], 1e-9):.2f}x ({_pct(full['fidelity'])})",
+         perfusion["fidelity"] >= 0.8 * full["fidelity"]),
+    ]
+
+
+def _methods_table(per_label: dict, concepts: Sequence[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(concepts) + " | mean fidelity | mean alignment |",
+             "|---|" + "---|" * (len(concepts) + 2)]
+    for label, per in per_label.items():
+        m = _mean(per)
+        cells = " | ".join(f"{_pct(per[c]['fidelity'])} / {_pct(per[c]['alignment'])}" for c in concepts)
+        lines.append(f"| {label} | {cells} | **{_pct(m['fidelity'])}** | {_pct(m['alignment'])} |")
+    return lines
+
+
+def _narrow_lines(results: dict) -> list[str]:
+    s, narrow = results["settings"], results["narrow"]
+    concepts = s["concepts"]
+    lines = ["## Few photos of one layout (main table)", "",
+             f"Each concept learned from {s['narrow_images']} images in the centre on black, all captioned "
+             "\"on a black background, in the centre a {}\" (data/toy/concepts-narrow), then drawn in the same "
+             f"new contexts as below; sampling beta {s['beta']} (global locking {s['beta_global']}), tau {s['tau']}. "
+             "Per cell: fidelity / alignment, %.", ""]
+    lines += _methods_table(narrow["methods"], concepts)
+    lines += ["", "| check | measured | holds |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {'yes' if ok else '**no**'} |" for what, value, ok in narrow_checks(results)]
+    lines += ["", f"Gates (beta {s['beta']}, tau {s['tau']}): median largest gate at another token / tokens above 0.5 / "
+              "the concept token's mean sim.", "", "| state | " + " | ".join(concepts) + " |",
+              "|---|" + "---|" * len(concepts)]
+    for label, per in narrow["gates"].items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{per[c]['median_max_other_gate']:.3f} / {per[c]['others_open']:.1f} / {per[c]['concept_sim']:.2f}"
+            for c in concepts) + " |")
+    floor = _mean(narrow["methods"][SUPERCLASS])["alignment"]
+    return lines + [""] + fewshot.lines(narrow, s, floor)
+
+
 def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequence[str]) -> None:
     from ldm.outputs import save_labelled_grid
     from ldm.util import atomic_path
@@ -441,18 +594,16 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
              f"{s['seeds']} seeds each, DDIM {s['sample_steps']} steps, guidance {s['guidance']}; "
              f"training {s['train_steps']} steps (the whole-U-Net reference: {s['finetune_steps']} steps at "
              f"learning rate {s['finetune_learning_rate']:g}); sampling "
-             f"beta {s['beta']} (global locking {s['beta_global']}), tau {s['tau']}; {s['threads']} CPU threads; "
+             f"beta {s['beta']} (global locking {s['beta_global']}), tau {s['tau']}; {s['threads']} CPU threads "
+             f"(training: {s['training_workers']} processes of one thread); "
              f"{results['seconds'] / 60:.1f} min in all.", "",
              "Fidelity: concept objects whose look (its colour, or pattern and colours) the scorer sees. Alignment: every other "
-             "requested attribute (positions, background, the other object's shape and colour). Per cell: "
-             "fidelity / alignment, %.", "",
-             "## Methods", "",
-             "| method | " + " | ".join(concepts) + " | mean fidelity | mean alignment |",
-             "|---|" + "---|" * (len(concepts) + 2)]
-    for label, per in results["methods"].items():
-        m = _mean(per)
-        cells = " | ".join(f"{_pct(per[c]['fidelity'])} / {_pct(per[c]['alignment'])}" for c in concepts)
-        lines.append(f"| {label} | {cells} | **{_pct(m['fidelity'])}** | {_pct(m['alignment'])} |")
+             "requested attribute (positions, background, the other object's shape and colour).", ""]
+    lines += _narrow_lines(results)
+    lines += ["## Layout-covering concept sets", "",
+              "Each concept learned from 8 images covering every position and background and three kinds of company "
+              "(data/toy/concepts). Per cell: fidelity / alignment, %.", "", "### Methods", ""]
+    lines += _methods_table(results["methods"], concepts)
     ceiling = [results["looks"][c]["ceiling"] for c in concepts]
     lines.append("| *ceiling: the concept's own renders through the autoencoder* | "
                  + " | ".join(_pct(c) for c in ceiling) + f" | {_pct(sum(ceiling) / len(ceiling))} | |")
@@ -462,17 +613,17 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     lines += ["", f"Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word alone: "
               f"looks seen {counts[0][0]} of {counts[0][1]} against {counts[1][0]} of {counts[1][1]}; one-sided "
               f"Fisher exact p = {p_above(*counts[0], *counts[1]):.2g}.", "",
-              "## Checks", "", "| check | measured | holds |", "|---|---|---|"]
+              "### Checks", "", "| check | measured | holds |", "|---|---|---|"]
     lines += [f"| {what} | {value} | {'yes' if ok else '**no**'} |" for what, value, ok in checks(results, labels)]
     base = results["base_model"]
-    lines += ["", "## Base model", "",
+    lines += ["", "### Base model", "",
               f"`python -m ldm.toy.evaluate` on the {base['prompts']} held-out prompts x {base['seeds']} seeds: "
               + ", ".join(f"{k} {_pct(base[k])}%" for k in ("shape", "colour", "position", "background", "overall")
                           if k in base)
               + f". The nouns' cross-attention inside their object's mask is {base['noun_localization']:.2f}x "
               "their attention outside it (one-object held-out prompts, the render noised to t = 500, mean over "
               "layers and heads).", "",
-              f"## Gates (beta {s['beta']}, tau {s['tau']})", "",
+              f"### Gates (beta {s['beta']}, tau {s['tau']})", "",
               "Over each concept's 8 prompts: the median of the largest gate at a token that is not the concept's, "
               "the mean number of such tokens whose gate is above 0.5, and the concept token's mean sim. Per cell: "
               "median largest gate / tokens above 0.5 / concept sim.", "",
@@ -484,7 +635,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     lines += ["",
               "![methods](methods.png)", "", "![samples](samples.png)", "",
               f"Samples: one seed per prompt for {concepts[0]}; rows in the order of the table.", "",
-              f"## Beta curve ({results['beta_curve']['concept']}, Perfusion, local key-locking)", "",
+              f"### Beta curve ({results['beta_curve']['concept']}, Perfusion, local key-locking)", "",
               "| beta | " + " | ".join(f"tau {t}: fidelity / alignment" for t in TAUS) + " |",
               "|---|" + "---|" * len(TAUS)]
     curve = results["beta_curve"]
@@ -496,7 +647,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                    "superclass word's, the rule of scripts/evaluate_concept.py): "
                    + (f"beta {rec['beta']}, tau {rec['tau']} ({_pct(rec['fidelity'])} / {_pct(rec['alignment'])})."
                       if rec else "none; no setting keeps that alignment.")),
-              "", "![beta curve](beta_curve.png)", "", "## Two concepts in one prompt", "",
+              "", "![beta curve](beta_curve.png)", "", "### Two concepts in one prompt", "",
               f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders; {s['pair_seeds']} seeds each), "
               "Perfusion with the exact multi-concept edit (Appendix B): its gates read from the projection's "
               "coordinates (the default), or each gate from its own concept's sim (Appendix B as written). "
@@ -519,7 +670,8 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     for c in concepts:
         for key, t in results["training"][c].items():
             lines.append(f"| {c} | {key} | {t['bytes']:,} | {t['seconds']} |")
-    lines += ["", "Training time is main.py's wall time (model build included) on this machine; for full_unet, "
+    lines += ["", f"Training time is main.py's wall time (model build included) on this machine, "
+              f"{s['training_workers']} runs side by side with one thread each; for full_unet, "
               "the Lightning fit alone, and its bytes are the U-Net's weights in float32, which it would have to "
               "store."]
     with atomic_path(out / "report.md") as tmp:
@@ -529,6 +681,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     big = torch.nn.functional.interpolate(samples, scale_factor=3, mode="nearest")
     save_labelled_grid(big, out / "samples.png", [str(i + 1) for i in range(samples.shape[0] // len(labels))])
     plot(out, results, labels)
+    fewshot.plot(out / "fig9.png", results["narrow"], _mean(results["narrow"]["methods"][SUPERCLASS]))
 
 
 def plot(out: Path, results: dict, labels: Sequence[str]) -> None:
@@ -573,10 +726,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--sample_steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="concepts trained side by side, in processes of one thread each (default: %(default)s)")
+    p.add_argument("--gate_study", action="store_true",
+                   help="also train the covering sets with sim detached at other tokens, with the edit at the concept "
+                        "token only and with the leaked gates penalised")
     p.add_argument("--quick", action="store_true",
                    help="smoke version: 2 concepts, 2 training steps, 3 prompts, 1 seed, 2 sampling steps, 2 betas")
     args = p.parse_args(argv)
-    for flag in ("train_steps", "seeds", "sample_steps"):
+    for flag in ("train_steps", "seeds", "sample_steps", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be a positive whole number, got {value}")
@@ -586,13 +744,14 @@ def main(argv=None) -> int:
         raise UserError(f"--concepts {args.concepts!r}: expected names from {', '.join(CONCEPTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs, betas = SCENE_SPECS, BETAS
+    specs, betas, narrow_betas = SCENE_SPECS, BETAS, fewshot.BETAS
     if args.quick:
-        concepts, specs, betas = concepts[:2], SCENE_SPECS[3:6], BETAS[2:4]
+        concepts, specs, betas, narrow_betas = concepts[:2], SCENE_SPECS[3:6], BETAS[2:4], (BETA_GLOBAL, BETA)
         args.train_steps, args.seeds, args.sample_steps = 2, 1, 2
     results = run(Path(args.out), concepts, args.train_steps, args.seeds, args.sample_steps, specs, betas,
-                  finetune_steps=2 if args.quick else full_finetune.STEPS)
-    m = results["methods"]
+                  finetune_steps=2 if args.quick else full_finetune.STEPS, narrow_betas=narrow_betas,
+                  gate_study=args.gate_study, workers=args.workers)
+    m = {f"narrow {label}": per for label, per in results["narrow"]["methods"].items()} | results["methods"]
     print(f"report: {Path(args.out) / 'report.md'} ({results['seconds'] / 60:.1f} min); mean fidelity: "
           + ", ".join(f"{label} {_pct(_mean(per)['fidelity'])}%" for label, per in m.items()))
     return 0

@@ -3,7 +3,11 @@
 What is learned (Tewel et al. 2023, Sec. 4): the placeholder's word embedding and one value
 output o*_V per cross-attention layer. Keys are locked to the superclass: o*_K = W_K i_super.
 The target inputs i* and i_super are exponential moving averages of the text encodings at
-the concept's position. Everything else is frozen.
+the concept's position, over `target_templates` (default: the training set's template list, "a photo
+of a {}", ...), not over the images' own captions: a user's few photos often share one caption, and
+in a causal text encoder the concept token's encoding carries the words before it, so an i* averaged
+over one caption is that caption's, and the gate (Eq. 3's sim against i*) half shuts in any other.
+The image loss still reads each image's own caption. Everything else is frozen.
 
 Gradient path (a choice the public implementations differ on): i* is a buffer, so no
 gradient flows through it; the embedding learns through the prompt encodings e that the
@@ -31,7 +35,7 @@ from torch import nn
 
 from ldm.concepts import METHODS, Concept, ConceptError, save_concept
 from ldm.covariance import load_covariance
-from ldm.data.templates import fill
+from ldm.data.templates import TEMPLATES, fill
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.perfusion import GATE_AT, ConceptBank, ConceptState, concept_gates, patch_cross_attention
@@ -72,6 +76,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         gate_at: str = "all",
         log_gates_every_n_steps: int = 50,
         gate_penalty: float = 0.0,
+        target_templates: Sequence[str] | str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -90,6 +95,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.superclass_ids = superclass_token_ids(tokenizer, superclass)
         if self.placeholder_id in self.superclass_ids:
             raise UserError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
+        self.target_templates = _target_templates(target_templates)
         self.covariance_path, self.covariance_captions = covariance_path, repo_path(covariance_captions)
         self.covariance_max_captions = covariance_max_captions
         self.beta, self.tau = _number("beta", beta), _number("tau", tau, positive=True)
@@ -264,6 +270,14 @@ class PerfusionLatentDiffusion(LatentDiffusion):
                 self.embedding.copy_(superclass_embedding(encoder, self.superclass_ids))
         return encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
 
+    def template_targets(self, n: int, step: int) -> tuple[torch.Tensor, list[str], list[str]]:
+        """(tokens, prompts, superclass prompts) of `n` target templates for optimizer step `step`,
+        taken in turn, so that the EMA sees every template equally often (every rank the same ones)."""
+        start = step * n
+        chosen = [self.target_templates[(start + k) % len(self.target_templates)] for k in range(n)]
+        prompts = [fill(t, self.placeholder) for t in chosen]
+        return self.cond_stage_model.tokenize(prompts), prompts, [fill(t, self.superclass) for t in chosen]
+
     @torch.no_grad()
     def update_targets(self, tokens: torch.Tensor, captions, captions_super, encodings: torch.Tensor | None = None):
         """EMA of i* and i_super from this batch (averaged over all ranks); the first batch initialises
@@ -312,8 +326,11 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         captions = list(batch[self.cond_stage_key])
         encoder = self.cond_stage_model
         tokens = encoder.tokenize(captions)
-        cond = self.encode_concept_prompts(tokens)   # once: the targets' EMA reads it detached
-        self.update_targets(tokens, captions, batch["caption_super"], encodings=cond)
+        cond = self.encode_concept_prompts(tokens)
+        if self.target_templates is None:   # the targets' EMA over the images' captions reads cond detached
+            self.update_targets(tokens, captions, batch["caption_super"], encodings=cond)
+        else:
+            self.update_targets(*self.template_targets(len(captions), self.global_step))
         self.activate_training_concept()
         leak = self.leaked_gate(cond, tokens) if self.gate_penalty and self.bank.active else None
         if self.bank.active:
@@ -420,6 +437,29 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         heat = torch.stack(maps).mean(0)
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
         return torch.cat([heat, heat ** 2, 1 - heat], dim=1).cpu()   # warm = attended
+
+
+def _target_templates(value) -> list[str] | None:
+    """model.params.target_templates: a list of templates with '{}', a text file of them (one per line),
+    "captions" (the images' own captions: None) or null (TEMPLATES)."""
+    if value == "captions":
+        return None
+    if value is None:
+        return list(TEMPLATES)
+    if isinstance(value, str) and "{}" in value:
+        raise UserError(f"model.params.target_templates: {value!r} is one template; give a list ([{value!r}]) "
+                        "or a text file of templates")
+    if isinstance(value, str):
+        path = repo_path(value)
+        try:
+            value = [line.strip() for line in Path(path).read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"model.params.target_templates: cannot read {path} ({err.__class__.__name__}: {err})") from err
+        value = [line for line in value if line and not line.startswith("#")]
+    if not isinstance(value, Sequence) or not value or not all(isinstance(t, str) and t.count("{}") == 1 for t in value):
+        raise UserError("model.params.target_templates must be a non-empty list of templates with one '{}' each, "
+                        f"a text file of them, or \"captions\"; got {value!r}")
+    return list(value)
 
 
 def superclass_embedding(encoder, ids: Sequence[int]) -> torch.Tensor:
