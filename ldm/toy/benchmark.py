@@ -321,21 +321,24 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
     variants = VARIANTS + (GATE_STUDY if gate_study else ())
     methods_used = [m for m in METHODS if m[1] in {v.key for v in variants} | set(NO_CONCEPT)]
     gate_rows = [g for g in GATE_ROWS if g[1] in {v.key for v in variants} | {"init"}]
-    jobs = {}
-    for name in concepts:
-        for variant in fewshot.VARIANTS:
-            jobs[name, f"narrow {variant.key}"] = (name, f"narrow-{variant.key}", variant.overrides, train_steps,
-                                                   logdir, fewshot.data_dir(out, variant))
-        for variant in variants:
-            jobs[name, variant.key] = (name, variant.key, variant.overrides, train_steps, logdir)
-    trained = train_all(jobs, workers, log)
     files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
     narrow_files: dict[str, dict[str, Path]] = {c: {} for c in concepts}
+    narrow_data = {variant.key: fewshot.data_dir(out, variant) for variant in fewshot.VARIANTS}
+    jobs, destination = {}, {}   # (concept, label) -> train_concept's arguments; -> (files table, variant key)
+    for name in concepts:
+        for variant in fewshot.VARIANTS:
+            label = f"narrow {variant.key}"
+            jobs[name, label] = (name, f"narrow-{variant.key}", variant.overrides, train_steps, logdir,
+                                 narrow_data[variant.key])
+            destination[name, label] = narrow_files, variant.key
+        for variant in variants:
+            jobs[name, variant.key] = (name, variant.key, variant.overrides, train_steps, logdir)
+            destination[name, variant.key] = files, variant.key
     training = {c: {} for c in concepts}
-    for (name, key), (path, seconds) in trained.items():
-        table, variant = (narrow_files, key.removeprefix("narrow ")) if key.startswith("narrow ") else (files, key)
-        table[name][variant] = path
-        training[name][key] = {"seconds": round(seconds, 1), "bytes": path.stat().st_size}
+    for (name, label), (path, seconds) in train_all(jobs, workers, log).items():
+        table, key = destination[name, label]
+        table[name][key] = path
+        training[name][label] = {"seconds": round(seconds, 1), "bytes": path.stat().st_size}
 
     bench = Bench(seeds, sample_steps)
     base = bench.base_model(seeds=1 if seeds == 1 else 3)
@@ -561,6 +564,15 @@ def _methods_table(per_label: dict, concepts: Sequence[str]) -> list[str]:
     return lines
 
 
+def _gates_table(per_label: dict, concepts: Sequence[str]) -> list[str]:
+    lines = ["| state | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
+    for label, per in per_label.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{per[c]['median_max_other_gate']:.3f} / {per[c]['others_open']:.1f} / {per[c]['concept_sim']:.2f}"
+            for c in concepts) + " |")
+    return lines
+
+
 def _narrow_lines(results: dict) -> list[str]:
     s, narrow = results["settings"], results["narrow"]
     concepts = s["concepts"]
@@ -573,12 +585,8 @@ def _narrow_lines(results: dict) -> list[str]:
     lines += ["", "| check | measured | holds |", "|---|---|---|"]
     lines += [f"| {what} | {value} | {'yes' if ok else '**no**'} |" for what, value, ok in narrow_checks(results)]
     lines += ["", f"Gates (beta {s['beta']}, tau {s['tau']}): median largest gate at another token / tokens above 0.5 / "
-              "the concept token's mean sim.", "", "| state | " + " | ".join(concepts) + " |",
-              "|---|" + "---|" * len(concepts)]
-    for label, per in narrow["gates"].items():
-        lines.append(f"| {label} | " + " | ".join(
-            f"{per[c]['median_max_other_gate']:.3f} / {per[c]['others_open']:.1f} / {per[c]['concept_sim']:.2f}"
-            for c in concepts) + " |")
+              "the concept token's mean sim.", ""]
+    lines += _gates_table(narrow["gates"], concepts)
     floor = _mean(narrow["methods"][SUPERCLASS])["alignment"]
     return lines + [""] + fewshot.lines(narrow, s, floor)
 
@@ -626,12 +634,8 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
               f"### Gates (beta {s['beta']}, tau {s['tau']})", "",
               "Over each concept's 8 prompts: the median of the largest gate at a token that is not the concept's, "
               "the mean number of such tokens whose gate is above 0.5, and the concept token's mean sim. Per cell: "
-              "median largest gate / tokens above 0.5 / concept sim.", "",
-              "| state | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
-    for label, per in results["gates"].items():
-        lines.append(f"| {label} | " + " | ".join(
-            f"{per[c]['median_max_other_gate']:.3f} / {per[c]['others_open']:.1f} / {per[c]['concept_sim']:.2f}"
-            for c in concepts) + " |")
+              "median largest gate / tokens above 0.5 / concept sim.", ""]
+    lines += _gates_table(results["gates"], concepts)
     lines += ["",
               "![methods](methods.png)", "", "![samples](samples.png)", "",
               f"Samples: one seed per prompt for {concepts[0]}; rows in the order of the table.", "",
