@@ -2,7 +2,8 @@
 
 Every command prints a UserError as `error: <message>` on one line and exits with status 2
 (ldm/cli.py); any other exception is a bug and keeps its traceback. UserError is a ValueError,
-so Python callers may catch either.
+so Python callers may catch either. A PerfusionWarning (a setting that runs but is known to do
+badly) prints as `warning: <message>` on one line.
 """
 
 
@@ -16,3 +17,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class NotAFolderError(UserError, NotADirectoryError):
     """A path the user gave as a folder is a file (also a NotADirectoryError)."""
+
+
+class PerfusionWarning(UserWarning):
+    """A setting that runs but is measured to do badly, named in a one-line message."""

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.perfusion import concept_gates, gates_read_jointly
+from ldm.modules.perfusion import rule_gates, shared_tokens
 
 
 @dataclass
@@ -67,9 +67,9 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     rows = model.concept_rows()
     tokens = encoder.tokenize(list(prompts)).to(model.device)
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, rows))
-    joint = gates_read_jointly(bank.exact, bank.joint_gates, bank.i_star.shape[0], bank.gate_at)
-    sim, gate = concept_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau, joint)
     own = tokens[..., None] == torch.tensor(list(rows), device=tokens.device)
+    multi = bank.multi if shared_tokens(bank.i_star.shape[0], bank.gate_at) else "separate"
+    sim, gate = rule_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau, multi, own)
     return [GateTable(p, _labels(encoder.tokenizer, t.tolist()), o.tolist(), s.tolist(), g.tolist())
             for p, t, o, s, g in zip(prompts, tokens, own, sim.float().cpu(), gate.float().cpu())]
 

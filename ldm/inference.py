@@ -9,6 +9,7 @@ Prompts name the concepts `{}` (one concept) or `{1}`, `{2}`, ... (in load order
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,9 +17,9 @@ from typing import Sequence
 import torch
 
 from ldm.concepts import Concept, ConceptError, load_concept
-from ldm.errors import UserError
+from ldm.errors import PerfusionWarning, UserError
 from ldm.models.diffusion.perfusion import word_pattern
-from ldm.modules.perfusion import ConceptState, superclass_keys
+from ldm.modules.perfusion import ConceptState, check_multi, superclass_keys
 
 # Rare single CLIP tokens (SD1 and SD2 share the BPE vocabulary); each one is checked at load time.
 PLACEHOLDER_TOKENS = ("sks", "ohwx", "nlwx", "rctid", "httr", "shld", "wral", "pafc")
@@ -41,7 +42,7 @@ class LoadedConcepts:
     betas: list[float]
     taus: list[float]
     global_locking: bool
-    exact: bool
+    multi: str
     gate_at: str = "all"
     state: ConceptState | None = None   # what the model's bank applies while these are loaded
 
@@ -111,17 +112,36 @@ def _check_shapes(model, concept: Concept, name: str) -> None:
                            f"{len(bank.keys)} cross-attention layers")
 
 
-def _check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: torch.Tensor) -> None:
-    """Appendix B's projection needs linearly independent i*: refuse (near-)duplicates."""
+# The joint rule inverts G = I C^-1 I^T. With G at unit diagonal, the toy world's pairs of different
+# superclasses have cond(G) 1.4-1.9 and work; its pairs of one superclass, 75-131, misplace looks
+# (reports/toy-pairs). Above this, the joint rule warns.
+JOINT_COND_LIMIT = 10.0
+
+
+def i_star_correlations(concepts: Sequence[Concept], C_inv: torch.Tensor) -> torch.Tensor:
+    """The i*'s correlations in C^-1's inner product: G = I C^-1 I^T at unit diagonal (N x N, float64)."""
     I = torch.stack([c.i_star for c in concepts]).double()
     G = I @ C_inv.double().cpu() @ I.T
     d = G.diagonal().sqrt()
-    corr = G / (d[:, None] * d[None, :])
-    for a in range(len(concepts)):
-        for b in range(a + 1, len(concepts)):
-            if corr[a, b].abs() > 1 - 1e-6:
-                raise ConceptError(f"{names[a]} and {names[b]} have the same target input i* "
-                                   "(the same concept loaded twice?); load each concept once")
+    return G / (d[:, None] * d[None, :])
+
+
+def check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: torch.Tensor,
+                      multi: str = "named") -> None:
+    """Appendix B's projection needs linearly independent i*: refuse (near-)duplicates. The joint rule
+    also warns (PerfusionWarning) where G is ill-conditioned (JOINT_COND_LIMIT)."""
+    corr = i_star_correlations(concepts, C_inv)
+    pairs = [(a, b) for a in range(len(concepts)) for b in range(a + 1, len(concepts))]
+    for a, b in pairs:
+        if corr[a, b].abs() > 1 - 1e-6:
+            raise ConceptError(f"{names[a]} and {names[b]} have the same target input i* "
+                               "(the same concept loaded twice?); load each concept once")
+    cond = float(torch.linalg.cond(corr))
+    if multi == "joint" and cond > JOINT_COND_LIMIT:
+        a, b = max(pairs, key=lambda p: float(corr[p].abs()))
+        warnings.warn(f"{names[a]} and {names[b]}: their i* correlate at {float(corr[a, b]):.3f} (cond(G) {cond:.0f} > "
+                      f"{JOINT_COND_LIMIT:g}); the joint rule's gates are unreliable for concepts this alike (one "
+                      "superclass): use the default rule, named", PerfusionWarning, stacklevel=3)
 
 
 def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
@@ -136,15 +156,15 @@ def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
 
 
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
-                  global_locking: bool = False, exact: bool = True, names: Sequence[str] | None = None,
-                  gate_at: str = "all", joint_gates: bool = True) -> LoadedConcepts:
+                  global_locking: bool = False, multi: str = "named", names: Sequence[str] | None = None,
+                  gate_at: str = "all") -> LoadedConcepts:
     """Load concept files (or Concept objects; one or a list) into a PerfusionLatentDiffusion for sampling.
 
     Replaces whatever was loaded before. `betas`/`taus`: one value or one per concept.
     `global_locking`: keys see the prompt with each concept's superclass word (Sec. 4 of the paper).
-    `exact`: Appendix B's exact projection for several concepts (else the approximation); with
-    `joint_gates` their gates are read from its coordinates, so that one concept's token opens only
-    its own gate (False: each gate from its own concept's Eq. 3 sim, as Appendix B writes it).
+    `multi`: the rule for several concepts (`MULTI`, see gated_rank1_edit): "named" (the default: at each
+    placeholder only its own concept edits; elsewhere Appendix B), "separate" (Appendix B as written),
+    "joint" (gates from the exact projection's coordinates) or "approx" (the authors' approximation).
     `gate_at`: "all" (Eq. 3 at every token, the paper's rule) or "concept" (the gated edit only at
     each concept's own placeholder token; every other token gets the base projection).
     """
@@ -152,6 +172,7 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         concepts = [concepts]
     if gate_at not in ("all", "concept"):
         raise UserError(f"gate_at must be 'all' or 'concept', got {gate_at!r}")
+    check_multi(multi)
     if not hasattr(model, "bank"):
         raise UserError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
                          "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
@@ -167,15 +188,14 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     check_fingerprints(model, loaded, names)
     for concept, name in zip(loaded, names):
         _check_shapes(model, concept, name)
-    if exact and n > 1:
-        _check_independent(loaded, names, model.bank.C_inv)
+    if multi != "approx" and n > 1:
+        check_independent(loaded, names, model.bank.C_inv, multi)
     tokens, ids = placeholder_tokens(model.cond_stage_model.tokenizer, n)
 
     device = model.bank.C_inv.device
     bank = model.bank
     state = dict(rows={i: c.embedding.to(device, model.embedding.dtype) for i, c in zip(ids, loaded)},
-                 words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, exact=exact,
-                 joint_gates=joint_gates)
+                 words={i: (tok, c.superclass) for i, tok, c in zip(ids, tokens, loaded)}, multi=multi)
     edited = methods != {"embedding"}   # textual inversion: only the placeholder rows change
     if edited:
         i_star = torch.stack([c.i_star for c in loaded]).to(device, torch.float32)
@@ -191,7 +211,7 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         state.update(bank.targets(i_star, i_super, o_value, betas, taus, o_key=o_key),
                      global_locking=global_locking, gate_at=gate_at)
     bank.state = ConceptState(**state)   # one assignment: what was loaded before is replaced whole
-    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking and edited, exact,
+    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking and edited, multi,
                           gate_at if edited else "all", bank.state)
 
 

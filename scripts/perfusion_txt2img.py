@@ -32,6 +32,7 @@ from ldm.gates import format_gate_table, gate_tables, leak_warning  # noqa: E402
 from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, parse_numbers,  # noqa: E402
                            per_concept, prepare_prompt, read_prompt_file, set_gates)
 from ldm.models.diffusion.guidance import initial_noise, make_generator  # noqa: E402
+from ldm.modules.perfusion import MULTI  # noqa: E402
 from ldm.outputs import save_grid, save_labelled_grid, save_samples  # noqa: E402
 from ldm.sample import PRECISIONS, SAMPLERS, check_sampling_flags, generate, latent_shape  # noqa: E402
 
@@ -61,14 +62,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--show_gates", action="store_true",
                    help="print each prompt's tokens with sim and gate per concept, then exit without sampling")
     multi = p.add_mutually_exclusive_group()
-    multi.add_argument("--exact_multi", dest="multi", action="store_const", const="exact", default="exact",
-                       help="several concepts: exact Appendix B projection, gates read from its coordinates "
-                            "(default)")
-    multi.add_argument("--separate_gates", dest="multi", action="store_const", const="separate",
-                       help="several concepts: exact projection, each gate from its own concept's sim "
-                            "(Appendix B as written)")
-    multi.add_argument("--approx_multi", dest="multi", action="store_const", const="approx",
-                       help="several concepts: the cheaper approximation W e - sum_n sim_n(e) W i*_n")
+    multi.add_argument("--multi", choices=MULTI, default="named",
+                       help="several concepts: named (default): at each concept's token only that concept edits, "
+                            "elsewhere Appendix B; separate: Appendix B as written (each gate from its own "
+                            "concept's sim); joint: gates from the exact projection's coordinates; approx: the "
+                            "authors' approximation W e - sum_n sim_n(e) W i*_n")
+    for flag, rule in (("--exact_multi", "joint"), ("--separate_gates", "separate"), ("--approx_multi", "approx")):
+        multi.add_argument(flag, dest="multi", action="store_const", const=rule, help=f"same as --multi {rule}")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=6.0, help="classifier-free guidance scale")
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
                                           if v == "recommendation")
                   + f" ({recommended_gates(concept)['rule']})", file=sys.stderr)
     model, ckpt, weights_seed = build_perfusion(args.config, args.ckpt, args.use_ema, args.device)
-    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.multi != "approx", names=paths,
-                           gate_at=args.gate_at, joint_gates=args.multi == "exact")
+    loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.multi, names=paths,
+                           gate_at=args.gate_at)
     tokenizer = model.cond_stage_model.tokenizer
     if args.show_gates and not model.bank.active:
         raise UserError("--show_gates: textual-inversion concepts have no gate")

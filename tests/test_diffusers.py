@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 
 import diffusers
 import numpy as np
@@ -16,8 +17,9 @@ from safetensors.torch import save_file
 
 from ldm.build import build_model, load_config
 from ldm.checkpoint import CheckpointError
-from ldm.concepts import ConceptError, save_concept
+from ldm.concepts import ConceptError, load_concept, save_concept
 from ldm.covariance import estimate_covariance, save_covariance
+from ldm.errors import UserError
 from ldm.interop.diffusers import apply_concepts, cross_attention_names, remove_concepts
 from ldm.interop.diffusers_folder import DiffusersFolderError
 from ldm.models.diffusion.guidance import initial_noise, make_generator
@@ -175,3 +177,56 @@ def test_pipeline_refuses_a_concept_of_other_weights(folders, concept_run, work)
     with pytest.raises(ConceptError, match="trained with unet fingerprint .* the pipeline's is"):
         apply_concepts(other, [concept_run["concept"]], concept_run["covariance"])
     assert not any("Perfusion" in type(p).__name__ for p in other.unet.attn_processors.values())
+
+
+@pytest.fixture(scope="module")
+def second_concept(concept_run, work):
+    """Another concept of the same weights: the cat's, moved (i*, embedding, o*_V) and called a dog."""
+    cat = load_concept(concept_run["concept"])
+    g = torch.Generator().manual_seed(1)
+    noise = lambda t: torch.randn(t.shape, generator=g) * t.std()   # noqa: E731
+    dog = replace(cat, superclass="dog", i_star=cat.i_star + 0.5 * noise(cat.i_star),
+                  embedding=cat.embedding + noise(cat.embedding), o_star_v=[v + noise(v) for v in cat.o_star_v])
+    return save_concept(work / "dog.safetensors", dog)
+
+
+@pytest.mark.parametrize("multi", ["named", "separate"])
+def test_pipeline_with_two_concepts_draws_what_the_script_draws(folders, concept_run, second_concept, tmp_path, multi):
+    """Two concepts under each rule; the named rule reads where each token sits from the wrapped encode_prompt."""
+    out = tmp_path / "script"
+    assert script("perfusion_txt2img").main([
+        "--config", str(concept_run["config"]), "--personalized_ckpt", f"{concept_run['concept']},{second_concept}",
+        "--prompt", "a {1} next to a {2}", "--beta", "0.6", "--tau", "0.15", "--multi", multi, "--steps", "5",
+        "--scale", "4", "--n_samples", "2", "--seed", "3", "--outdir", str(out)]) == 0
+    expected = [np.asarray(Image.open(out / f"samples/0000{i}.png")).astype(np.float64) for i in (0, 1)]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders[1])
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_noise((2, 4, 16, 16), torch.device("cpu"), make_generator(3, torch.device("cpu")))
+    applied = apply_concepts(pipe, [concept_run["concept"], second_concept], concept_run["covariance"], betas=0.6,
+                             taus=0.15, multi=multi)
+    prompt = f"a {applied.tokens[0]} next to a {applied.tokens[1]}"
+    images = pipe(prompt, latents=latents, num_images_per_prompt=2, num_inference_steps=5, guidance_scale=4.0,
+                  height=32, width=32, output_type="np").images
+    for image, reference in zip(images, expected):
+        assert np.abs(image * 255 - reference).max() <= 1.0
+    if multi == "named":   # encodings made elsewhere do not say where the concepts are
+        with pytest.raises(UserError, match="do not mark the concepts' tokens"):
+            pipe(prompt_embeds=torch.zeros(1, 77, pipe.text_encoder.config.hidden_size), num_inference_steps=1,
+                 height=32, width=32)
+    remove_concepts(pipe)
+    assert "encode_prompt" not in pipe.__dict__
+
+
+def test_a_refused_concept_list_leaves_the_pipeline_as_it_was(folders, concept_run):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders[1])
+    tokenizer, processors = pipe.tokenizer, dict(pipe.unet.attn_processors)
+    embeddings = pipe.text_encoder.get_input_embeddings()
+    with pytest.raises(UserError, match="at least one concept"):
+        apply_concepts(pipe, [], concept_run["covariance"])
+    with pytest.raises(ConceptError, match="the same concept loaded twice"):
+        apply_concepts(pipe, [concept_run["concept"]] * 2, concept_run["covariance"], tokens=["<a>", "<b>"])
+    with pytest.raises(UserError, match="multi-concept rule must be one of"):
+        apply_concepts(pipe, [concept_run["concept"]], concept_run["covariance"], multi="exact")
+    assert pipe.tokenizer is tokenizer and "<cat>" not in tokenizer.get_vocab()
+    assert pipe.text_encoder.get_input_embeddings() is embeddings and dict(pipe.unet.attn_processors) == processors
+    assert getattr(pipe, "_perfusion", None) is None and "encode_prompt" not in pipe.__dict__

@@ -15,9 +15,9 @@ from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 from tests.concept_files import cat, cli_config, concept_file, dog, model  # noqa: F401 (fixtures)
 
 
-@pytest.mark.parametrize("joint_gates", [True, False])
-def test_gate_table_is_eq3_at_every_token(model, cat, dog, joint_gates):
-    loaded = load_concepts(model, [cat, dog], [0.6, 0.7], [0.15, 0.2], joint_gates=joint_gates)
+@pytest.mark.parametrize("multi", ["named", "separate", "joint"])
+def test_gate_table_is_eq3_at_every_token(model, cat, dog, multi):
+    loaded = load_concepts(model, [cat, dog], [0.6, 0.7], [0.15, 0.2], multi=multi)
     prompt = format_prompt("a photo of a {1} and a {2}", loaded.tokens)
     table = gate_tables(model, [prompt])[0]
     assert len(table.tokens) == 77 and table.tokens[0] == "<start>" and table.tokens[-1] == "<pad>"
@@ -30,9 +30,12 @@ def test_gate_table_is_eq3_at_every_token(model, cat, dog, joint_gates):
     coords = e @ C_inv @ I.T @ torch.linalg.inv(I @ C_inv @ I.T)   # the exact projection's coordinates
     for n, (concept, beta, tau) in enumerate(zip((cat, dog), (0.6, 0.7), (0.15, 0.2))):
         i = concept.i_star.double()
-        sim = coords[:, n] if joint_gates else e @ C_inv @ i / (i @ C_inv @ i)
-        assert torch.allclose(torch.tensor([row[n] for row in table.sim], dtype=torch.float64), sim, atol=1e-4)
+        sim = coords[:, n] if multi == "joint" else e @ C_inv @ i / (i @ C_inv @ i)
         gate = torch.sigmoid((sim - beta) / tau)
+        other = tokens[0].tolist().index(loaded.token_ids[1 - n])
+        if multi == "named":   # the other concept's placeholder is the other concept's alone
+            sim[other] = gate[other] = 0
+        assert torch.allclose(torch.tensor([row[n] for row in table.sim], dtype=torch.float64), sim, atol=1e-4)
         assert torch.allclose(torch.tensor([row[n] for row in table.gate], dtype=torch.float64), gate, atol=1e-4)
         own = [t for t in range(77) if table.own[t][n]]
         assert own == [tokens[0].tolist().index(loaded.token_ids[n])]
@@ -63,19 +66,19 @@ def test_gate_at_concept_edits_only_the_placeholder_token():
     C_inv = A @ A.T + 6 * torch.eye(6, dtype=torch.float64)
     positions = torch.zeros(2, 9, 2, dtype=torch.bool)
     positions[0, 3, 0] = positions[1, 5, 1] = True
-    for exact in (True, False):
-        full = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, exact)
-        only = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, exact, positions, "concept")
+    for multi in ("separate", "approx"):
+        full = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, multi)
+        only = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, multi, positions, "concept")
         own = positions.any(-1)
         assert torch.equal(only[~own], (e @ W.T)[~own])      # every other token: the base projection
         single = [gated_rank1_edit(e[b:b + 1, t:t + 1], W, I[n:n + 1], O[n:n + 1], C_inv, 0.3, 0.2)
                   for b, t, n in positions.nonzero().tolist()]
         assert torch.allclose(only[own], torch.cat(single).reshape(-1, 5))   # its own concept alone
         assert not torch.allclose(full[~own], only[~own])
-        detached = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, exact, positions, "all_detached")
+        detached = gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, multi, positions, "all_detached")
         assert torch.equal(detached, full)                  # same forward, other gradients
     with pytest.raises(ValueError, match="needs the placeholder positions"):
-        gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, True, None, "concept")
+        gated_rank1_edit(e, W, I, O, C_inv, 0.3, 0.2, "separate", None, "concept")
 
 
 def test_all_detached_stops_the_gradient_through_sim_at_other_tokens():
@@ -88,7 +91,7 @@ def test_all_detached_stops_the_gradient_through_sim_at_other_tokens():
     grads = {}
     for rule in ("all", "all_detached"):
         e.grad = None
-        gated_rank1_edit(e, W, I, O, C_inv, 0.1, 0.3, True, positions, rule).sum().backward()
+        gated_rank1_edit(e, W, I, O, C_inv, 0.1, 0.3, "named", positions, rule).sum().backward()
         grads[rule] = e.grad.clone()
     assert torch.allclose(grads["all"][0, 2], grads["all_detached"][0, 2])   # the placeholder: the same
     plain = torch.ones(1, 3, dtype=torch.float64) @ W                        # d(sum W e)/de at others
@@ -164,21 +167,26 @@ def test_cli_show_gates_prints_the_table_and_samples_nothing(capsys, tmp_path):
 
 
 def test_cli_multi_concept_flags_choose_the_gates(capsys, tmp_path):
-    """--separate_gates prints Eq. 3's own sim per concept, the default the exact projection's coordinates:
-    the same table at a prompt whose concept tokens differ only in how the gates are read."""
+    """--separate_gates prints Eq. 3's own sim per concept, --exact_multi (joint) the exact projection's
+    coordinates, the default (named) Eq. 3's sim with the other concept's gate shut at each placeholder."""
     spec = importlib.util.spec_from_file_location("perfusion_txt2img", ROOT / "scripts/perfusion_txt2img.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     argv = ["--config", str(cli_config()), "--personalized_ckpt", f"{concept_file('cat', 0)},{concept_file('dog', 1)}",
             "--prompt", "a {1} and a {2}", "--show_gates", "--outdir", str(tmp_path / "out")]
     tables = {}
-    for flag in ("--exact_multi", "--separate_gates", "--approx_multi"):
+    for flag in ("--exact_multi", "--separate_gates", "--approx_multi", "--multi=named"):
         with pytest.raises(SystemExit) as info:
             script.run_cli(lambda: script.main(argv + [flag]))
         assert info.value.code == 0
         tables[flag] = capsys.readouterr().out
     assert tables["--separate_gates"] == tables["--approx_multi"]   # both gate by Eq. 3's sim_n
     assert tables["--exact_multi"] != tables["--separate_gates"]
+    named = tables["--multi=named"].splitlines()
+    assert named != tables["--separate_gates"].splitlines()
+    # the rows that differ are the two placeholders', where the other concept's sim and gate read 0
+    changed = [a for a, b in zip(named, tables["--separate_gates"].splitlines()) if a != b]
+    assert len(changed) == 2 and all(line.count("0.000") == 2 and "*" in line for line in changed)
 
 
 def test_gate_penalty_adds_the_mean_leaked_gate_and_closes_the_leaks():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 
 import ldm.modules.perfusion as perfusion_edit
 from ldm.concepts import ConceptError, load_concept, save_concept
-from ldm.inference import (PLACEHOLDER_TOKENS, format_prompt, load_concepts, prepare_prompt, set_gates,
-                           unload_concepts)
+from ldm.errors import PerfusionWarning
+from ldm.inference import (JOINT_COND_LIMIT, PLACEHOLDER_TOKENS, format_prompt, i_star_correlations, load_concepts,
+                           prepare_prompt, set_gates, unload_concepts)
 from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.sample import generate
 from tests.concept_files import cat, concept_file, dog, model  # noqa: F401 (fixtures)
@@ -23,22 +25,27 @@ def _sigmoid(x):
     return 1 / (1 + torch.exp(-x))
 
 
-def _appendix_b(e, W, I, O, C_inv, betas, taus, exact=True, joint_gates=True):
+def _appendix_b(context, W, I, O, C_inv, betas, taus, multi):
     """Several concepts computed directly in float64 (Appendix B): oblique projection
-    P = I^T (I C^-1 I^T)^-1 I C^-1 removed from e, plus the sum of the gated targets (gated by the
-    projection's coordinates with `joint_gates`, else by each concept's own sim)."""
-    e, W, I, O, C_inv = (t.double() for t in (e, W, I, O, C_inv))
+    P = I^T (I C^-1 I^T)^-1 I C^-1 removed from e, plus the sum of the gated targets, gated by each
+    concept's own sim ("separate"), by the projection's coordinates ("joint"), or with e - sim_n i*_n
+    and concept n's gate alone at its placeholder ("named": the context's extra channels mark them)."""
+    context, W, I, O, C_inv = (t.double() for t in (context, W, I, O, C_inv))
+    e, positions = context[..., :W.shape[1]], context[..., W.shape[1]:] > 0.5
     betas, taus = torch.tensor(betas, dtype=torch.float64), torch.tensor(taus, dtype=torch.float64)
     sims = (e @ C_inv @ I.T) / torch.einsum("nd,de,ne->n", I, C_inv, I)
-    if exact:
-        G_inv = torch.linalg.inv(I @ C_inv @ I.T)
-        P = I.T @ G_inv @ I @ C_inv
-        base = (e - e @ P.T) @ W.T
-        if joint_gates:
-            sims = e @ C_inv @ I.T @ G_inv
-    else:
+    G_inv = torch.linalg.inv(I @ C_inv @ I.T)
+    base = (e - e @ (I.T @ G_inv @ I @ C_inv).T) @ W.T
+    if multi == "joint":
+        sims = e @ C_inv @ I.T @ G_inv
+    if multi == "approx":
         base = e @ W.T - sims @ (I @ W.T)
-    return base + _sigmoid((sims - betas) / taus) @ O
+    gates = _sigmoid((sims - betas) / taus)
+    if multi == "named":
+        own = positions.any(-1, keepdim=True)
+        alone = e @ W.T - (sims * positions) @ (I @ W.T)
+        base, gates = torch.where(own, alone, base), torch.where(own, gates * positions, gates)
+    return base + gates @ O
 
 
 def test_placeholder_tokens_are_single_tokens_for_sd1_and_sd2():
@@ -74,10 +81,10 @@ def test_prepare_prompt(model, cat):
         prepare_prompt(tokenizer, "a cat " * 40 + "and a {}", loaded)
 
 
-@pytest.mark.parametrize("exact, joint_gates", [(True, True), (True, False), (False, True)])
-def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact, joint_gates):
+@pytest.mark.parametrize("multi", ["named", "separate", "joint", "approx"])
+def test_multi_concept_output_equals_appendix_b(model, cat, dog, multi):
     betas, taus = [0.55, 0.7], [0.1, 0.2]
-    loaded = load_concepts(model, [cat, dog], betas, taus, exact=exact, joint_gates=joint_gates)
+    loaded = load_concepts(model, [cat, dog], betas, taus, multi=multi)
     I = torch.stack([cat.i_star, dog.i_star])
     I_super = torch.stack([cat.i_super, dog.i_super])
     C_inv = model.bank.C_inv
@@ -86,7 +93,7 @@ def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact, joint_ga
         W = layer.weight
         O = I_super.double() @ W.T.double() if layer.role == "key" else \
             torch.stack([cat.o_star_v[layer.index], dog.o_star_v[layer.index]])
-        return _appendix_b(x, W, I, O, C_inv, betas, taus, exact, joint_gates)
+        return _appendix_b(x, W, I, O, C_inv, betas, taus, multi)
 
     # The whole U-Net in float64 (a copy): the patched projections against the formula put in their place.
     m64 = copy.deepcopy(model).double()
@@ -103,7 +110,8 @@ def test_multi_concept_output_equals_appendix_b(model, cat, dog, exact, joint_ga
         for layer in layers:
             del layer.forward
         m64.bank.clear()
-        assert (out - m64.apply_model(x, t, e)).abs().max() > 1e-3    # the edit did something
+        plain = e[..., :layers[0].in_features]   # without the placeholder channels the named rule adds
+        assert (out - m64.apply_model(x, t, plain)).abs().max() > 1e-3    # the edit did something
         # float32 (the model as it samples): same up to float32 rounding (C^-1 is ill-conditioned here)
         layer = model.bank.values[3]
         assert torch.allclose(layer(e.float()).double(), direct(layer, e), atol=2e-2)
@@ -209,16 +217,18 @@ def test_global_locking_keys_are_the_superclass_prompts_keys(model, cat, dog):
         tokens = encoder.tokenize([prompt])
         concept_enc = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, model.placeholder_rows))
         super_enc = encoder.encode(["a photo of a cat and a dog"])
-        assert context.shape == (1, 2 * 77, 64)
-        assert torch.equal(context[:, :77], concept_enc) and torch.equal(context[:, 77:], super_enc)
-        assert model.get_learned_conditioning([""]).shape == (1, 2 * 77, 64)   # the unconditional half too
+        assert context.shape == (1, 2 * 77, 64 + 2)   # + where each placeholder sits (the named rule)
+        assert torch.equal(context[:, :77, :64], concept_enc) and torch.equal(context[:, 77:, :64], super_enc)
+        flags = context[0, :77, 64:]
+        assert flags.sum(0).tolist() == [1, 1] and torch.equal(context[0, 77:, 64:], flags)
+        assert model.get_learned_conditioning([""]).shape == (1, 2 * 77, 64 + 2)   # the unconditional half too
         seen = _layer_outputs(model, context)
     I = torch.stack([cat.i_star, dog.i_star])
     for index in range(7):
         W_k, W_v = model.bank.keys[index].weight, model.bank.values[index].weight
         assert torch.equal(seen[("key", index)], torch.nn.functional.linear(super_enc, W_k))
         o_value = torch.stack([cat.o_star_v[index], dog.o_star_v[index]])
-        expected_v = _appendix_b(concept_enc, W_v, I, o_value, model.bank.C_inv, betas, taus)
+        expected_v = _appendix_b(context[:, :77], W_v, I, o_value, model.bank.C_inv, betas, taus, "named")
         assert torch.allclose(seen[("value", index)].double(), expected_v, atol=1e-5)
     images = generate(model, [prompt], negative_prompt="blurry", **SAMPLE)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
@@ -240,7 +250,7 @@ def test_global_locking_aligns_multi_token_superclasses(model, cat, dog, filler)
         context = model.get_learned_conditioning([prompt])
         super_enc = encoder.encode([superclass_prompt])[0]
         seen = _layer_outputs(model, context)
-    key_input = context[0, 77:]
+    key_input = context[0, 77:, :super_enc.shape[-1]]   # less the placeholder channels (the named rule)
     bear, dog_id = tokenizer.encode("bear")[0], tokenizer.encode("dog")[0]
     first = tokens.tolist().index(loaded.token_ids[0])
     end = tokens.tolist().index(tokenizer.eot_token_id)
@@ -387,3 +397,20 @@ def test_concept_files_with_bad_contents_are_refused_by_name(tmp_path):
         save_file(t, str(path), metadata=m)
         with pytest.raises(ConceptError, match=f"c{n}.safetensors: .*{match}"):
             load_concept(path)
+
+
+def test_joint_rule_warns_for_concepts_this_alike(model, cat, dog):
+    """Two concepts whose i* nearly coincide (as one superclass's do): the joint rule warns, naming them
+    and cond(G); the default rule does not."""
+    twin = replace(cat, i_star=cat.i_star + 0.1 * (dog.i_star - cat.i_star))
+    assert torch.linalg.cond(i_star_correlations([cat, dog], model.bank.C_inv)) < JOINT_COND_LIMIT
+    corr = i_star_correlations([cat, twin], model.bank.C_inv)
+    assert 1 - 1e-6 > corr[0, 1] and torch.linalg.cond(corr) > JOINT_COND_LIMIT
+    with pytest.warns(PerfusionWarning, match=r"a.safetensors and b.safetensors: their i\* correlate at 0\.9\d+ "
+                                              r"\(cond\(G\) \d+ > 10\); the joint rule"):
+        load_concepts(model, [cat, twin], 0.7, 0.15, multi="joint", names=["a.safetensors", "b.safetensors"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_concepts(model, [cat, twin], 0.7, 0.15)
+        load_concepts(model, [cat, dog], 0.7, 0.15, multi="joint")   # well-conditioned: no warning
+    unload_concepts(model)

@@ -471,6 +471,25 @@ def test_only_user_errors_become_one_line(capsys):
         run_cli(fails(OSError(errno.EIO, "I/O error")))
 
 
+def test_perfusion_warnings_print_as_one_line(capsys):
+    import warnings
+
+    from ldm.errors import PerfusionWarning
+
+    def main():
+        warnings.warn("a.safetensors and b.safetensors:\n too alike", PerfusionWarning)
+        return 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main)
+    assert exit_info.value.code == 0
+    err = capsys.readouterr().err
+    assert err == "warning: a.safetensors and b.safetensors: too alike\n"
+    assert warnings.showwarning.__name__ != "one_line"     # restored after the command
+
+
 def test_run_folders_started_in_the_same_second_are_distinct(tmp_path):
     now = "2026-01-01T00-00-00"
     first = main.new_run_dir(str(tmp_path), "x", now, create=True)

@@ -69,12 +69,12 @@ def test_exact_multi_concept_is_appendix_b(n):
     e_perp = e - e @ P.T
     # Appendix B as written: each gate from its own concept's Eq. 3 sim.
     sims = (e @ C_inv @ It) / torch.einsum("nd,de,ne->n", I, C_inv, I)
-    separate = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True, joint_gates=False)
+    separate = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, multi="separate")
     assert torch.allclose(separate, e_perp @ W.T + _sigmoid((sims - betas) / taus) @ O, atol=1e-9)
-    # Joint gates (the default): the gates read the projection's coordinates in the basis i*_n.
+    # Joint gates: the gates read the projection's coordinates in the basis i*_n.
     coords = e @ C_inv @ It @ G_inv
     assert torch.allclose(coords @ I, e @ P.T, atol=1e-9)
-    joint = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, exact=True)
+    joint = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, multi="joint")
     assert torch.allclose(joint, e_perp @ W.T + _sigmoid((coords - betas) / taus) @ O, atol=1e-9)
     # e_perp is C^-1-orthogonal to every i*_n.
     assert torch.allclose(e_perp @ C_inv @ It, torch.zeros(2, 5, n, dtype=torch.float64), atol=1e-9)
@@ -90,43 +90,68 @@ def test_joint_gates_open_only_for_their_own_concept():
     assert sim[0, 0, 1] > 0.7 and gate[0, 0, 1] > 0.5
     sim, gate = concept_gates(own, I, C_inv, 0.7, 0.15, joint=True)
     assert torch.allclose(sim[0, 0], torch.tensor([1.0, 0.0], dtype=sim.dtype), atol=1e-6)
-    out = gated_rank1_edit(own, W, I, O, C_inv, 0.7, 0.15)
+    out = gated_rank1_edit(own, W, I, O, C_inv, 0.7, 0.15, multi="joint")
     assert torch.allclose(out[0, 0], _sigmoid(torch.tensor(0.3 / 0.15)) * O[0] + _sigmoid(torch.tensor(-0.7 / 0.15)) * O[1],
                           atol=1e-6)
+
+
+def test_named_rule_edits_each_placeholder_as_its_concept_alone():
+    """At concept n's placeholder the named rule is Eq. 3 for concept n alone (the other concept's gate
+    shut); at every other token it is Appendix B as written."""
+    e, W, I, O, C_inv = _setup(2, seed=11)
+    I[1] = I[0] + 0.2 * I[1]                       # nearly the same i*, as two concepts of one superclass
+    e[0, 1], e[1, 3] = I[0] + 0.05 * e[0, 1], I[1] + 0.05 * e[1, 3]
+    positions = torch.zeros(2, 5, 2, dtype=torch.bool)
+    positions[0, 1, 0] = positions[1, 3, 1] = True
+    betas, taus = [0.6, 0.7], [0.15, 0.1]
+    named = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, positions=positions)
+    separate = gated_rank1_edit(e, W, I, O, C_inv, betas, taus, multi="separate")
+    others = ~positions.any(-1)
+    assert torch.allclose(named[others], separate[others], atol=1e-12)
+    for (b, t), n in (((0, 1), 0), ((1, 3), 1)):
+        alone = gated_rank1_edit(e[b:b + 1, t:t + 1], W, I[n:n + 1], O[n:n + 1], C_inv, betas[n], taus[n])
+        assert torch.allclose(named[b, t], alone[0, 0], atol=1e-12)
+        # Appendix B as written opens the other concept's gate at this token too
+        _, gate = concept_gates(e[b:b + 1, t:t + 1], I, C_inv, betas, taus)
+        assert gate[0, 0, 1 - n] > 0.5
 
 
 def test_approximate_multi_concept():
     e, W, I, O, C_inv = _setup(2, seed=7)
     sims = (e @ C_inv @ I.T) / torch.einsum("nd,de,ne->n", I, C_inv, I)
     expected = e @ W.T - sims @ (I @ W.T) + _sigmoid((sims - 0.7) / 0.15) @ O
-    assert torch.allclose(gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.15, exact=False), expected, atol=1e-10)
+    assert torch.allclose(gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.15, multi="approx"), expected, atol=1e-10)
     # With C^-1-orthogonal targets the approximation is exact.
     I2 = I.clone()
     I2[1] = I[1] - (I[1] @ C_inv @ I[0]) / (I[0] @ C_inv @ I[0]) * I[0]
-    exact = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, exact=True)
-    approx = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, exact=False)
+    exact = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, multi="separate")
+    approx = gated_rank1_edit(e, W, I2, O, C_inv, 0.7, 0.15, multi="approx")
     assert torch.allclose(exact, approx, atol=1e-9)
 
 
 def test_half_precision_inputs_are_computed_in_float32():
     e, W, I, O, C_inv = _setup(2, seed=9)
-    ref = gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.1)
-    out = gated_rank1_edit(e.half(), W.half(), I.float(), O.float(), C_inv.float(), 0.7, 0.1)
+    ref = gated_rank1_edit(e, W, I, O, C_inv, 0.7, 0.1, multi="separate")
+    out = gated_rank1_edit(e.half(), W.half(), I.float(), O.float(), C_inv.float(), 0.7, 0.1, multi="separate")
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, atol=5e-2, rtol=1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = gated_rank1_edit(e.float(), W.float(), I.float(), O.float(), C_inv.float(), 0.7, 0.1)
+        auto = gated_rank1_edit(e.float(), W.float(), I.float(), O.float(), C_inv.float(), 0.7, 0.1, multi="separate")
     assert auto.dtype == torch.float32 and torch.allclose(auto.double(), ref, atol=1e-4)
 
 
 def test_bad_beta_tau():
     e, W, I, O, C_inv = _setup(2)
     with pytest.raises(ValueError, match="beta needs 1 or 2 values"):
-        gated_rank1_edit(e, W, I, O, C_inv, [0.5, 0.6, 0.7], 0.1)
+        gated_rank1_edit(e, W, I, O, C_inv, [0.5, 0.6, 0.7], 0.1, multi="separate")
     with pytest.raises(ValueError, match="tau must be positive"):
-        gated_rank1_edit(e, W, I, O, C_inv, 0.5, [0.1, 0.0])
+        gated_rank1_edit(e, W, I, O, C_inv, 0.5, [0.1, 0.0], multi="separate")
     with pytest.raises(ValueError, match="same concepts"):
         gated_rank1_edit(e, W, I, O[:1], C_inv, 0.5, 0.1)
+    with pytest.raises(ValueError, match="multi-concept rule must be one of named, separate, joint, approx"):
+        gated_rank1_edit(e, W, I, O, C_inv, 0.5, 0.1, multi="exact")
+    with pytest.raises(ValueError, match="needs the placeholder positions"):
+        gated_rank1_edit(e, W, I, O, C_inv, 0.5, 0.1)   # the named rule, several concepts
 
 
 def test_unpatched_and_inactive_projection_is_bit_identical():

@@ -195,7 +195,21 @@ def test_concept_file_round_trip_and_size(model, tmp_path):
     assert floats * 4 < path.stat().st_size < floats * 4 + 2048
 
 
+def test_weight_decay_is_a_setting_off_by_default():
+    """AdamW's decay: 0 unless model.params.weight_decay says otherwise, and then it shrinks what it trains."""
+    assert all(g["weight_decay"] == 0.0 for g in tiny_perfusion_model().configure_optimizers().param_groups)
+    m = tiny_perfusion_model("model.params.weight_decay=0.5")
+    opt = m.configure_optimizers()
+    assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
+    with torch.no_grad():
+        m.o_star_v[0].fill_(1.0)
+    m.o_star_v[0].grad = torch.zeros_like(m.o_star_v[0])
+    opt.step()   # no gradient: only the decay moves it, by lr * weight_decay
+    assert torch.allclose(m.o_star_v[0], torch.full_like(m.o_star_v[0], 1 - m.lr_o_v * 0.5))
+
+
 @pytest.mark.parametrize("override,match", [
+    ("model.params.weight_decay=-0.1", "weight_decay must be >= 0"),
     ("model.params.placeholder=sksdog", "must be exactly one"),
     ("model.params.superclass=zxqv", "not a known word"),
     ("model.params.superclass=''", "is empty"),

@@ -26,6 +26,14 @@ def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
 
 
 GATE_AT = ("all", "all_detached", "concept")   # where the gated edit applies (see gated_rank1_edit)
+# Several concepts (Appendix B): what each gate reads and what e loses (see gated_rank1_edit)
+MULTI = ("named", "separate", "joint", "approx")
+
+
+def check_multi(multi: str) -> str:
+    if multi not in MULTI:
+        raise UserError(f"the multi-concept rule must be one of {', '.join(MULTI)}, got {multi!r}")
+    return multi
 
 
 def sim_probes(i_star: torch.Tensor, C_inv: torch.Tensor, device, dtype, joint: bool = False) -> torch.Tensor:
@@ -56,29 +64,61 @@ def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, be
         return sim, torch.sigmoid((sim - beta) / tau)
 
 
-def gates_read_jointly(exact: bool, joint_gates: bool, n: int, gate_at: str) -> bool:
-    """Whether the gates read the exact projection's coordinates (`sim_probes(joint=True)`): several
-    concepts, the exact edit with `joint_gates`, and a token that more than one concept edits."""
-    return exact and joint_gates and n > 1 and gate_at != "concept"
+def shared_tokens(n: int, gate_at: str) -> bool:
+    """Whether a token can be edited by more than one concept (the case Appendix B and `multi` decide)."""
+    return n > 1 and gate_at != "concept"
+
+
+def needs_positions(n: int, gate_at: str, multi: str) -> bool:
+    """Whether the edit must know where each concept's placeholder sits."""
+    return gate_at != "all" or (shared_tokens(n, gate_at) and multi == "named")
+
+
+def rule_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau, multi: str = "named",
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sim, gate) (B, T, N): `concept_gates` at every token as the `multi` rule reads them for several
+    concepts (see gated_rank1_edit); `positions` (B, T, N) bool, where concept n's placeholder sits, for
+    "named"."""
+    n = i_star.shape[0]
+    sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint=n > 1 and check_multi(multi) == "joint")
+    if n > 1 and multi == "named":   # a placeholder's token is its own concept's alone
+        own = positions.any(-1, keepdim=True)
+        return torch.where(own, sim * positions, sim), torch.where(own, gate * positions, gate)
+    return sim, gate
+
+
+def _exact_projection(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor) -> torch.Tensor:
+    """Appendix B's e_perp: e less its C^-1-projection onto span{i*_n}, via C^-1 = L L^T, Q R = L^T I^T,
+    u_n = L^-T q_n, e_perp = e - sum_n u_n (u_n^T C^-1 e). Factorised in float64 (float32 on mps)."""
+    wide = torch.float32 if e.device.type == "mps" else torch.float64
+    I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
+    L = torch.linalg.cholesky(C_inv)
+    Q, _ = torch.linalg.qr(L.T @ I.T)                         # (d_in, N), orthonormal columns
+    U = torch.linalg.solve_triangular(L.T, Q, upper=True)     # u_n = L^-T q_n
+    return e - (e @ (C_inv @ U).to(e.dtype)) @ U.to(e.dtype).T
 
 
 def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor, o_star: torch.Tensor,
-                     C_inv: torch.Tensor, beta, tau, exact: bool = True, positions: torch.Tensor | None = None,
-                     gate_at: str = "all", joint_gates: bool = True) -> torch.Tensor:
+                     C_inv: torch.Tensor, beta, tau, multi: str = "named", positions: torch.Tensor | None = None,
+                     gate_at: str = "all") -> torch.Tensor:
     """W'(e) for encodings e (B, T, d_in): returns (B, T, d_out) in float32 or wider.
 
     N = 1 (Eq. 3):
         sim(e)  = i*^T C^-1 e / (i*^T C^-1 i*)
         W'(e)   = W (e - sim(e) i*) + sigmoid((sim(e) - beta) / tau) o*
-    N > 1 (Appendix B): the gates add up, and e loses its C^-1-projection onto span{i*_n}:
-        exact:  C^-1 = L L^T, Q R = L^T [i*_1 .. i*_N], u_n = L^-T q_n,
-                e_perp = e - sum_n u_n (u_n^T C^-1 e)
-        approx: W e_perp ~ W e - sum_n sim_n(e) W i*_n   (the authors' cheaper form)
-    With `exact` and `joint_gates` (the default) the gates read the same projection: sim_n(e) are the
-    coordinates of e's projection in the basis i*_n (`sim_probes`), so e_perp = e - sum_n sim_n(e) i*_n
-    and a concept's own token opens only its own gate. Appendix B as written (`joint_gates=False`) gates
-    each concept by its own Eq. 3 sim_n, and where the i* are far from C^-1-orthogonal one concept's
-    token opens the other's gate as well (measured on the toy world: docs/toy-world.md).
+    N > 1 (Appendix B): W'(e) = W e_perp + sum_n gate_n(e) o*_n, where `multi` says what e_perp and the
+    gates are:
+        separate: Appendix B as written. e_perp = e less its C^-1-projection onto span{i*_n} (exact,
+                  Cholesky/QR), each gate from its own concept's Eq. 3 sim_n. Where the i* are far from
+                  C^-1-orthogonal (two concepts of one superclass) one concept's token opens the other's
+                  gate too.
+        named:    the default, and not in the paper: at concept n's placeholder only concept n edits, as if
+                  it were loaded alone (Eq. 3); every other token is edited as by `separate`. Needs
+                  `positions`.
+        joint:    not in the paper: the gates read the coordinates of the exact projection in the basis
+                  i*_n (`sim_probes`), so e_perp = e - sum_n sim_n(e) i*_n. Unbounded when the i* nearly
+                  coincide (G = I C^-1 I^T ill-conditioned).
+        approx:   the authors' cheaper form W e_perp ~ W e - sum_n sim_n(e) W i*_n, separate gates.
     `weight` (d_out, d_in), `i_star` (N, d_in), `o_star` (N, d_out), `C_inv` (d_in, d_in);
     `beta`, `tau`: a float or N values.
 
@@ -92,11 +132,10 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
                          f"got {tuple(i_star.shape)} and {tuple(o_star.shape)}")
     if gate_at not in GATE_AT:
         raise UserError(f"gate_at must be one of {', '.join(GATE_AT)}, got {gate_at!r}")
-    if gate_at != "all" and positions is None:
-        raise ValueError(f"gate_at={gate_at!r} needs the placeholder positions")
-    n = i_star.shape[0]
-    joint = gates_read_jointly(exact, joint_gates, n, gate_at)
-    sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint)
+    if needs_positions(i_star.shape[0], gate_at, check_multi(multi)) and positions is None:
+        raise ValueError(f"gate_at={gate_at!r} with multi={multi!r} needs the placeholder positions")
+    shared = shared_tokens(i_star.shape[0], gate_at)
+    sim, gate = rule_gates(e, i_star, C_inv, beta, tau, multi if shared else "separate", positions)
     dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
         e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
@@ -104,20 +143,12 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
             sim, gate = torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
         elif gate_at == "concept":
             sim, gate = sim * positions, gate * positions
-        if n == 1 or not exact or gate_at == "concept" or joint:
-            # N = 1 the exact projection reduces to sim(e) i*; so it does at a token that only its own
-            # concept edits ("concept"), and with joint coordinates; otherwise this is the approximation.
-            out = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
-        else:
-            wide = torch.float32 if e.device.type == "mps" else torch.float64
-            I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
-            L = torch.linalg.cholesky(C_inv)
-            Q, _ = torch.linalg.qr(L.T @ I.T)                         # (d_in, N), orthonormal columns
-            U = torch.linalg.solve_triangular(L.T, Q, upper=True)     # u_n = L^-T q_n
-            coeff = e @ (C_inv @ U).to(dtype)                         # (B, T, N): u_n^T C^-1 e
-            if gate_at == "all_detached":
-                coeff = torch.where(positions, coeff, coeff.detach())
-            out = (e - coeff @ U.to(dtype).T) @ W.T
+        # W (e - sum_n sim_n i*_n): Eq. 3 for one concept (and at a token only one concept edits), the
+        # exact projection with joint coordinates, the approximation otherwise
+        out = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
+        if shared and multi in ("separate", "named"):
+            exact = _exact_projection(e, i_star, C_inv) @ W.T
+            out = exact if multi == "separate" else torch.where(positions.any(-1, keepdim=True), out, exact)
         return out + gate @ O
 
 
@@ -182,14 +213,14 @@ class ConceptState:
     beta: object = None                         # float or N values
     tau: object = None
     global_locking: bool = False
-    exact: bool = True                          # Appendix B's exact projection for several concepts
-    joint_gates: bool = True                    # ... with the gates read from its coordinates (gated_rank1_edit)
+    multi: str = "named"                        # the rule for several concepts (gated_rank1_edit)
     gate_at: str = "all"
     unloaded: frozenset[str] = frozenset()      # placeholder words of concepts just unloaded (prompts must not use them)
 
     def __post_init__(self):
         if self.gate_at not in GATE_AT:
             raise UserError(f"gate_at must be one of {', '.join(GATE_AT)}, got {self.gate_at!r}")
+        check_multi(self.multi)
 
 
 class ConceptBank:
@@ -200,7 +231,8 @@ class ConceptBank:
     It also owns the layout of the context the edited layers receive (`pack` / `unpack`): the
     concept prompt's encodings, then, with `global_locking`, the superclass prompt's along the
     token axis (keys are its plain projections, W_K e_sup: the paper's global key-locking), and,
-    when `gate_at` is not "all", the placeholder positions as N extra feature channels.
+    when the edit needs them (`needs_positions`: `gate_at` other than "all", or several concepts under
+    the "named" rule), the placeholder positions as N extra feature channels.
 
     With gradients disabled (sampling), each layer's output is cached for the last context
     tensor it saw: the encodings of a prompt do not change across denoising steps, so the
@@ -209,8 +241,7 @@ class ConceptBank:
     A new state (`state = ...`, `set_gates`, `clear`, `use`) empties the cache.
     """
 
-    def __init__(self, pairs: Sequence[tuple[Rank1EditLinear, Rank1EditLinear]], C_inv: torch.Tensor,
-                 exact: bool = True):
+    def __init__(self, pairs: Sequence[tuple[Rank1EditLinear, Rank1EditLinear]], C_inv: torch.Tensor):
         self.keys = [k for k, _ in pairs]
         self.values = [v for _, v in pairs]
         for layer in self.keys + self.values:
@@ -218,7 +249,7 @@ class ConceptBank:
         self.C_inv = C_inv
         self.cache = True
         self._cache: dict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
-        self.state = ConceptState(exact=exact)
+        self.state = ConceptState()
 
     @property
     def state(self) -> ConceptState:
@@ -245,8 +276,7 @@ class ConceptBank:
     beta = property(lambda self: self._state.beta)
     tau = property(lambda self: self._state.tau)
     global_locking = property(lambda self: self._state.global_locking)
-    exact = property(lambda self: self._state.exact)
-    joint_gates = property(lambda self: self._state.joint_gates)
+    multi = property(lambda self: self._state.multi)
     gate_at = property(lambda self: self._state.gate_at)
 
     @property
@@ -255,7 +285,7 @@ class ConceptBank:
 
     @property
     def needs_positions(self) -> bool:
-        return self.gate_at != "all"
+        return self.active and needs_positions(self.i_star.shape[0], self.gate_at, self.multi)
 
     def targets(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
                 o_key: Sequence[torch.Tensor] | None = None) -> dict:
@@ -299,7 +329,7 @@ class ConceptBank:
         if self.global_locking != (e_super is not None):
             raise ValueError("global key-locking needs the superclass prompt's encodings, and only then")
         if self.needs_positions != (positions is not None):
-            raise ValueError(f"gate_at={self.gate_at!r}: placeholder positions are "
+            raise ValueError(f"gate_at={self.gate_at!r}, multi={self.multi!r}: placeholder positions are "
                              f"{'needed' if self.needs_positions else 'not used'}")
         context = e if e_super is None else torch.cat([e, e_super], dim=1)
         if positions is not None:
@@ -333,8 +363,7 @@ class ConceptBank:
         else:
             targets = self.o_key if layer.role == "key" else self.o_value
             out = gated_rank1_edit(e, layer.weight, self.i_star, targets[layer.index], self.C_inv,
-                                   self.beta, self.tau, self.exact, positions, self.gate_at,
-                                   self.joint_gates).to(e.dtype)
+                                   self.beta, self.tau, self.multi, positions, self.gate_at).to(e.dtype)
         if use_cache:
             self._cache[slot] = (context, version, out)
         return out

@@ -21,8 +21,8 @@ Per method (the two key-locking modes at sampling included, the superclass word 
 as the floor, the look spelled out in words (a combination pretraining never named; for a
 solid colour, which has no word, its nearest colour word), and for
 reference the whole U-Net fine-tuned on the concept's images, ldm.toy.full_finetune), the
-fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts in one prompt (with both gate
-rules of the exact multi-concept edit), every concept's look untrained (its autoencoder ceiling, and
+fidelity/alignment curve over beta at tau 0.1 and 0.15, two concepts in one prompt (the default
+multi-concept rule; every rule and pair: ldm.toy.pairs), every concept's look untrained (its autoencoder ceiling, and
 the base model asked for it in words), concept file size and training time. Writes report.md,
 results.json, methods.png, beta_curve.png and samples.png to --out.
 """
@@ -382,13 +382,11 @@ def run(out: Path, concepts: Sequence[str], train_steps: int | None, seeds: int,
 
     # as many images per pair as per concept: len(specs) prompts x seeds
     pair_seeds = max(1, seeds * len(specs) // len(pair_scenes(first, first)))
-    pairs = {rule: {} for rule in PAIR_RULES}
+    pairs = {}   # with the default multi-concept rule; every rule, every pair of the six: ldm.toy.pairs
     for a, b in [(concepts[i], concepts[j]) for i in range(len(concepts)) for j in range(i + 1, len(concepts))]:
-        number, scenes = {a: "{1}", b: "{2}"}, pair_scenes(a, b)
-        for rule, joint_gates in PAIR_RULES.items():
-            pairs[rule][f"{a} + {b}"] = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], scenes,
-                                                      lambda o: number[o.look], BETA, TAU, seeds=pair_seeds,
-                                                      joint_gates=joint_gates)[0]
+        number = {a: "{1}", b: "{2}"}
+        pairs[f"{a} + {b}"] = bench.measure([files[a]["perfusion"], files[b]["perfusion"]], pair_scenes(a, b),
+                                            lambda o: number[o.look], BETA, TAU, seeds=pair_seeds)[0]
     log("measured two concepts per prompt")
     narrow = measure_narrow(bench, narrow_files, concepts, specs, narrow_betas, methods, finetune_steps, training,
                             log)
@@ -471,9 +469,6 @@ def measure_narrow(bench: Bench, files: dict, concepts: Sequence[str], specs, be
     return {"curves": curves, "methods": methods, "gates": gates, "betas": list(betas)}
 
 
-# the exact multi-concept edit with its gates read from the projection's coordinates (the default),
-# and with each gate from its own concept's sim (Appendix B as written)
-PAIR_RULES = {"joint gates": True, "separate gates": False}
 PAIR_EXAMPLE = caption(Scene((SceneObject("ring", position="left"), SceneObject("star", position="right"))),
                        nouns=["{1}", "{2}"])
 
@@ -509,7 +504,7 @@ def checks(results: dict, labels: Sequence[str]) -> list[tuple[str, str, bool]]:
     spelled = {c: r["words"] for c, r in results["looks"].items() if CONCEPTS[c].pattern != "solid"}
     words = _mean(spelled)["fidelity"]
     curve = [p["fidelity"] for p in results["beta_curve"][str(TAU)]]
-    both = [r["both"] for r in results["pairs"][next(iter(PAIR_RULES))].values()]
+    both = [r["both"] for r in results["pairs"].values()]
     gate = [g["median_max_other_gate"] for g in results["gates"][GATE_ROWS[1][0]].values()]
     worst = min(r["fidelity"] for r in perfusion.values())
     return [
@@ -653,14 +648,12 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
                       if rec else "none; no setting keeps that alignment.")),
               "", "![beta curve](beta_curve.png)", "", "### Two concepts in one prompt", "",
               f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders; {s['pair_seeds']} seeds each), "
-              "Perfusion with the exact multi-concept edit (Appendix B): its gates read from the projection's "
-              "coordinates (the default), or each gate from its own concept's sim (Appendix B as written). "
-              "Per cell: both appear / fidelity (each) / alignment, %.", "",
-              "| concepts | " + " | ".join(PAIR_RULES) + " |", "|---|" + "---|" * len(PAIR_RULES)]
-    for pair in results["pairs"][next(iter(PAIR_RULES))]:
-        lines.append(f"| {pair} | " + " | ".join(
-            "{} / {} / {}".format(*(_pct(results["pairs"][rule][pair][k]) for k in ("both", "fidelity", "alignment")))
-            for rule in PAIR_RULES) + " |")
+              "Perfusion with the default multi-concept rule (`--multi named`: at each placeholder only its own "
+              "concept edits, elsewhere Appendix B). Every pair of the six toy concepts under every rule, and "
+              "each concept beside a plain object of the other's shape: `python -m ldm.toy.pairs` "
+              "(reports/toy-pairs).", "", "| concepts | both appear | fidelity (each) | alignment |", "|---|---|---|---|"]
+    for pair, r in results["pairs"].items():
+        lines.append(f"| {pair} | {_pct(r['both'])} | {_pct(r['fidelity'])} | {_pct(r['alignment'])} |")
     lines += ["", "## Every concept's look, untrained", "",
               "The scorer on each concept's 8 prompts: its own renders through the autoencoder (the ceiling), and "
               "the base model asked for the look in words (a solid colour: its nearest colour word). Per cell: "

@@ -68,6 +68,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         tau: float = 0.1,
         lr_o_v: float = 0.03,
         lr_embedding: float = 0.006,
+        weight_decay: float = 0.0,
         ema_decay: float = 0.99,
         validation_prompts: Sequence[str] = ("a photo of a {}", "a {} on the beach"),
         log_sample_steps: int = 20,
@@ -100,6 +101,9 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.covariance_max_captions = covariance_max_captions
         self.beta, self.tau = _number("beta", beta), _number("tau", tau, positive=True)
         self.lr_o_v, self.lr_embedding = _number("lr_o_v", lr_o_v, positive=True), _number("lr_embedding", lr_embedding, positive=True)
+        self.weight_decay = _number("weight_decay", weight_decay)
+        if self.weight_decay < 0:
+            raise UserError(f"model.params.weight_decay must be >= 0, got {weight_decay!r}")
         self.ema_decay = _number("ema_decay", ema_decay)
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"model.params.ema_decay must be in [0, 1), got {ema_decay!r}")
@@ -371,7 +375,9 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             groups.append({"params": list(self.o_star_v.parameters()), "lr": self.lr_o_v, "name": "o_star_v"})
         if self.method == "trained_keys":
             groups.append({"params": list(self.o_star_k.parameters()), "lr": self.lr_o_v, "name": "o_star_k"})
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+        # AdamW's decay pulls the embedding and o*_V towards 0, not towards their superclass start: off by
+        # default (torch's AdamW default, 0.01, is what the public implementation ran with)
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
