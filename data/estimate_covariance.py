@@ -3,16 +3,13 @@
 
     python data/estimate_covariance.py --config CFG --ckpt BASE --captions data/captions.txt --out PATH
 
-The command lives in ldm/estimate_covariance.py (see --help).
+The command lives in ldm/perfusion/estimate_covariance.py (see --help).
 """
 import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.cli import run_cli  # noqa: E402
-from ldm.estimate_covariance import main  # noqa: E402
+from ldm.cli import run_cli
+from ldm.perfusion.estimate_covariance import main
 
 if __name__ == "__main__":
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)

@@ -3,136 +3,14 @@
 
     python data/soft_segment.py --image_dir DIR --super_class WORD [--model_weight ckpt/clipseg-rd64-refined]
 
-For every image DIR/NAME.EXT writes DIR/mask/NAME.png: CLIPSeg's probability for WORD, averaged
-over the training prompt templates, at the image's size, 0..255. Also writes DIR/mask/preview.png.
+The command lives in clipseg/soft_segment.py (see --help).
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
+import warnings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from ldm.data.images import list_images, load_rgb  # noqa: E402
-from ldm.errors import UserError  # noqa: E402
-from ldm.util import atomic_path  # noqa: E402
-
-DEFAULT_MODEL_DIR = REPO_ROOT / "ckpt" / "clipseg-rd64-refined"
-PREVIEW_NAME = "preview.png"
-PREVIEW_MAX_IMAGES = 60
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--image_dir", required=True, help="folder of the concept's images (not searched recursively)")
-    parser.add_argument("--super_class", required=True,
-                        help='the concept\'s superclass word or phrase, e.g. "cat" or "teddy bear"')
-    parser.add_argument("--model_weight", default=str(DEFAULT_MODEL_DIR),
-                        help="local CLIPSeg folder in Hugging Face format (e.g. CIDAS/clipseg-rd64-refined)")
-    parser.add_argument("--out_dir", default=None, help="where masks go (default: IMAGE_DIR/mask)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per CLIPSeg forward pass")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute masks that already exist")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    return args
-
-
-def mask_path(out_dir: Path, image: Path) -> Path:
-    return out_dir / f"{image.stem}.png"
-
-
-def check_unique_stems(images: list[Path]) -> None:
-    """Two images with one stem (cat.jpg, cat.png) would share one mask file; "preview" is taken."""
-    seen: dict[str, Path] = {}
-    for path in images:
-        if path.stem == Path(PREVIEW_NAME).stem:
-            raise UserError(f"{path}: its mask would overwrite the preview sheet {PREVIEW_NAME}; rename the image")
-        if path.stem in seen:
-            raise UserError(f"{path} and {seen[path.stem]} would both write mask {path.stem}.png; rename one of them")
-        seen[path.stem] = path
-
-
-def save_mask(mask: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(mask).save(tmp, format="PNG")
-
-
-def write_preview(images: list[Path], out_dir: Path) -> Path:
-    from clipseg.preview import make_preview
-
-    if len(images) > PREVIEW_MAX_IMAGES:
-        print(f"preview shows the first {PREVIEW_MAX_IMAGES} of {len(images)} images")
-        images = images[:PREVIEW_MAX_IMAGES]
-    items = []
-    for path in images:
-        with Image.open(mask_path(out_dir, path)) as m:
-            items.append((path.name, load_rgb(path), np.asarray(m.convert("L"))))
-    target = out_dir / PREVIEW_NAME
-    with atomic_path(target) as tmp:
-        make_preview(items).save(tmp, format="PNG")
-    return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    image_dir = Path(args.image_dir)
-    out_dir = Path(args.out_dir) if args.out_dir else image_dir / "mask"
-    images = list_images(image_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file; expected a folder for the masks")
-    if out_dir.resolve() == image_dir.resolve():
-        raise UserError(f"--out_dir {out_dir} is the image folder itself; masks need a folder of their own")
-    if not images:
-        raise UserError(f"{image_dir}: no images found (expected files such as .jpg, .png, .webp)")
-    check_unique_stems(images)
-    todo = [p for p in images if args.overwrite or not mask_path(out_dir, p).exists()]
-    print(f"{len(images)} images in {image_dir}; {len(todo)} to segment, {len(images) - len(todo)} masks kept")
-
-    if todo:
-        from transformers.utils import logging as hf_logging
-
-        from clipseg import SoftMasker, load_clipseg
-
-        hf_logging.disable_progress_bar()
-        try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as err:
-            raise UserError(f"--device {args.device!r} is not a torch device ({err})") from err
-        model, processor = load_clipseg(args.model_weight, device=device)
-        masker = SoftMasker(model, processor, args.super_class)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=len(todo), unit="img", desc=f"masks for '{args.super_class}'") as bar:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
-                pictures = [load_rgb(p) for p in batch]
-                for path, mask in zip(batch, masker.masks(pictures)):
-                    save_mask(mask, mask_path(out_dir, path))
-                bar.update(len(batch))
-
-    preview = out_dir / PREVIEW_NAME
-    if todo or not preview.exists():
-        preview = write_preview(images, out_dir)
-        print(f"preview: {preview}")
-    print(f"masks: {out_dir}")
-    return 0
-
+from clipseg.soft_segment import main
+from ldm.cli import run_cli
 
 if __name__ == "__main__":
-    import warnings
-
-    from ldm.cli import run_cli
-
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
     run_cli(main)

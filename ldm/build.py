@@ -101,7 +101,7 @@ def build_perfusion(config_path: str | Path, ckpt: str | Path | None = None, use
     weights seed). Without a checkpoint the weights are random, seeded with lightning.seed as in training."""
     import sys
 
-    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
+    from ldm.perfusion.model import PerfusionLatentDiffusion
     from ldm.util import get_obj_from_str
 
     config = load_config([config_path])

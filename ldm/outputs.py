@@ -21,10 +21,15 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path, metadata: Mapping | None = None) -> Path:
-    """Write atomically; `metadata` goes into a tEXt chunk 'parameters' as JSON."""
+    """Write atomically; `metadata` goes into the text chunk 'settings' as JSON and, for the image of a
+    prompt, into 'parameters' in AUTOMATIC1111's text form (ldm.sampling_cli.a1111_parameters)."""
+    from ldm.sampling_cli import a1111_parameters
+
     info = PngImagePlugin.PngInfo()
     if metadata:
-        info.add_text("parameters", json.dumps(metadata, sort_keys=True))
+        info.add_text("settings", json.dumps(metadata, sort_keys=True))
+        if "prompt" in metadata:
+            info.add_text("parameters", a1111_parameters(dict(metadata)))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)

@@ -28,32 +28,6 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def check_sampling_flags(args) -> None:
-    """The flags both sampling scripts share (--steps, --scale, --ddim_eta, --H, --W, --n_samples, --seed,
-    --device), checked before anything is built: one line naming the flag."""
-    import math
-
-    for flag in ("scale", "ddim_eta"):
-        if not math.isfinite(getattr(args, flag)):
-            raise UserError(f"--{flag} must be a finite number, got {getattr(args, flag)}")
-    if args.ddim_eta < 0:
-        raise UserError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
-    for flag in ("steps", "n_samples", "H", "W"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value}")
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {args.device!r}: expected cpu, cuda[:N] or mps")
-
-
 def latent_shape(model, n: int, height: int, width: int) -> tuple[int, int, int, int]:
     factor = model.first_stage_model.downsample_factor
     for flag, value in (("--H", height), ("--W", width)):

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.build import build_model, load_config  # noqa: E402
-from ldm.cli import run_cli  # noqa: E402
-from ldm.data.templates import TEMPLATES, fill  # noqa: E402
-from ldm.util import count_params, instantiate_from_config  # noqa: E402
+from ldm.build import build_model, load_config
+from ldm.cli import run_cli
+from ldm.data.templates import TEMPLATES, fill
+from ldm.util import count_params, instantiate_from_config
 
 
 def _prompts(model, n):
@@ -143,7 +140,7 @@ def train_memory(args) -> int:
 def _base_config(config):
     """The plain LatentDiffusion (SDXL: SDXLLatentDiffusion) of a Perfusion config: same networks, no
     concept machinery."""
-    from ldm.models.diffusion.perfusion import PerfusionLatentDiffusion
+    from ldm.perfusion.model import PerfusionLatentDiffusion
     from ldm.util import get_obj_from_str
 
     base = next(c for c in get_obj_from_str(config.model.target).__mro__ if not issubclass(c, PerfusionLatentDiffusion))
@@ -163,7 +160,8 @@ def sample(args) -> int:
     """
     import tempfile
 
-    from ldm.inference import format_prompt, load_concepts
+    from ldm.perfusion.inference import load_concepts
+    from ldm.perfusion.prompts import format_prompt
     from ldm.sample import generate
 
     if args.threads:
@@ -267,12 +265,12 @@ def eval_overhead(args) -> int:
     (random weights, a concept initialised from one batch) with tiny random CLIP and DINO models."""
     import tempfile
 
-    from ldm.concepts import load_concept
+    from ldm.perfusion.concepts import load_concept
     from ldm.evaluation.concept_eval import Judge, evaluate
     from ldm.evaluation.harness import Sampling
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
     from ldm.evaluation.tiny import write_tiny_metric_models
-    from ldm.inference import read_prompt_file
+    from ldm.perfusion.inference import read_prompt_file
 
     config = load_config([args.config], args.overrides)
     model = build_model(config, seed=0)

@@ -4,9 +4,9 @@ without the concept as the baseline, the beta/tau trade-off curve and a recommen
     python scripts/evaluate_concept.py --config configs/perfusion_teddy.yaml \
         --ckpt ckpt/v1-5-pruned-emaonly.ckpt --concepts teddy.safetensors --images data/teddy \
         --clip_model ViT-L-14 --clip_ckpt ckpt/metrics/open_clip_vit_l14.bin --dino ckpt/metrics/dino-vits16 \
-        --prompts dreambooth-object --seeds 4 --beta_sweep 0.3:0.9:7 --write_recommendation --out eval/teddy
+        --prompts dreambooth-object --seeds 4 --beta_sweep 0.3:0.9:7 --write_recommendation --outdir eval/teddy
 
-Writes report.md, results.json, per_prompt_<n>.png and (with a sweep) tradeoff.png to --out.
+Writes report.md, results.json, per_prompt_<n>.png and (with a sweep) tradeoff.png to --outdir.
 The recommended setting is the beta (and tau) with the highest CLIP-I whose CLIP-T is at least
 --fraction of the superclass word's; --write_recommendation stores it in the concept file, and
 scripts/perfusion_txt2img.py then uses it when no --beta/--tau is given. With several concepts,
@@ -19,15 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from ldm.cli import run_cli  # noqa: E402
-from ldm.errors import MissingFileError, NotAFolderError, UserError  # noqa: E402
-from ldm.evaluation.harness import (DEFAULT_BETA, DEFAULT_FRACTION, DEFAULT_TAU, Sampling, choose_gates,  # noqa: E402
-                                    parse_sweep)
-from ldm.util import REPO_ROOT  # noqa: E402
+from ldm.cli import run_cli
+from ldm.errors import MissingFileError, NotAFolderError, UserError
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates
+from ldm.evaluation.harness import DEFAULT_FRACTION, Sampling, parse_sweep
+from ldm.sampling_cli import add_sampling_flags, check_sampling_flags
+from ldm.util import REPO_ROOT
 
 PROMPT_SETS = {name: REPO_ROOT / f"data/prompts/{name}.txt" for name in ("dreambooth-object", "dreambooth-live")}
 
@@ -57,20 +56,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=DEFAULT_FRACTION,
                    help="the recommendation keeps CLIP-T >= FRACTION x the superclass word's (default: %(default)s)")
     p.add_argument("--write_recommendation", action="store_true", help="store the recommended beta/tau in each concept file")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=6.0)
-    p.add_argument("--H", type=int, default=None)
-    p.add_argument("--W", type=int, default=None)
     p.add_argument("--batch", type=int, default=8, help="images per sampling batch (does not change the images)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="outputs/evaluation")
+    add_sampling_flags(p, "outputs/evaluation", batches=False)
     return p
 
 
 def read_templates(spec: str, flag: str) -> list[str]:
     """A shipped prompt set by name, or a file of templates."""
-    from ldm.inference import read_prompt_file
+    from ldm.perfusion.inference import read_prompt_file
 
     if spec not in PROMPT_SETS and not Path(spec).is_file():
         raise MissingFileError(f"{flag} {spec}: no such file (or one of {', '.join(PROMPT_SETS)})")
@@ -93,7 +86,8 @@ def reference_images(folder: str) -> list[torch.Tensor]:
 
 def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | None:
     """A flag's comma-separated numbers (None when not given); with `n`, one per concept."""
-    from ldm.inference import parse_numbers, per_concept
+    from ldm.perfusion.inference import parse_numbers
+    from ldm.perfusion.gate_settings import per_concept
 
     if text is None:
         return None
@@ -103,20 +97,18 @@ def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ldm.concepts import load_concept
+    from ldm.perfusion.concepts import load_concept
     from ldm.evaluation.concept_eval import Judge, evaluate, write_report
-    from ldm.evaluation.harness import write_recommendation
+    from ldm.perfusion.gate_settings import write_recommendation
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
-    from ldm.sample import check_sampling_flags
 
     files = [f.strip() for f in args.concepts.split(",") if f.strip()]
     folders = [f.strip() for f in args.images.split(",") if f.strip()]
     if len(folders) != len(files):
         raise UserError(f"--images names {len(folders)} folder(s) for {len(files)} concept(s); give one per concept")
-    args.n_samples, args.ddim_eta = args.batch, 0.0
     check_sampling_flags(args)
-    if args.seeds < 1 or (args.max_prompts is not None and args.max_prompts < 1):
-        raise UserError("--seeds and --max_prompts must be at least 1")
+    if args.seeds < 1 or args.batch < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+        raise UserError("--seeds, --batch and --max_prompts must be at least 1")
     if args.write_recommendation and not args.beta_sweep:
         raise UserError("--write_recommendation needs --beta_sweep: the recommendation is chosen on the sweep")
     templates = read_templates(args.prompts, "--prompts")[:args.max_prompts]
@@ -147,7 +139,7 @@ def main(argv=None) -> int:
               f"{len(templates)} prompts x {len(seeds)} seeds, {args.sampler} {args.steps} steps, guidance "
               f"{args.scale}, {sampling.height}x{sampling.width}; CLIP {args.clip_model}"
               + (", DINO" if args.dino else ", no DINO") + "."]
-    written = write_report(Path(args.out), results, header)
+    written = write_report(Path(args.outdir), results, header)
     for entry, path in zip(results["concepts"], files):
         rec = entry.get("recommendation")
         if rec:

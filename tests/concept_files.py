@@ -15,10 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from ldm.build import load_config
-from ldm.concepts import Concept
-from ldm.covariance import estimate_covariance, save_covariance
-from ldm.inference import unload_concepts
-from ldm.models.diffusion.perfusion import superclass_token_ids
+from ldm.perfusion.concepts import Concept
+from ldm.perfusion.covariance import estimate_covariance, save_covariance
+from ldm.perfusion.inference import unload_concepts
+from ldm.perfusion.prompts import superclass_token_ids
 from tests.conftest import ROOT, TINY_PERFUSION, tiny_perfusion_model, train_one_step
 
 _STATE: dict = {}
@@ -81,7 +81,7 @@ def trained_concept(superclass: str = "cat", seed: int = 0) -> Concept:
 
 
 def concept_file(superclass: str = "cat", seed: int = 0) -> Path:
-    from ldm.concepts import save_concept
+    from ldm.perfusion.concepts import save_concept
 
     path = workdir() / f"{superclass}-{seed}.safetensors"
     if not path.exists():

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.covariance import (
+from ldm.perfusion.covariance import (
     CovarianceAccumulator, CovarianceError, accumulate, add_ridge, eigen_report, estimate_covariance, invert,
     iter_captions, load_covariance, save_covariance, token_mask,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-from ldm import estimate_covariance as est  # noqa: E402
+from ldm.perfusion import estimate_covariance as est  # noqa: E402
 
 TINY = {"sd1": REPO / "configs" / "tiny" / "v1-tiny.yaml", "sd2": REPO / "configs" / "tiny" / "v2-tiny.yaml"}
 CAPTIONS = REPO / "data" / "captions.txt"

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from ldm.build import build_model, load_config
 from ldm.checkpoint import CheckpointError
-from ldm.concepts import ConceptError, load_concept, save_concept
-from ldm.covariance import estimate_covariance, save_covariance
+from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
+from ldm.perfusion.covariance import estimate_covariance, save_covariance
 from ldm.errors import UserError
 from ldm.interop.diffusers import apply_concepts, cross_attention_names, remove_concepts
 from ldm.interop.diffusers_folder import DiffusersFolderError
@@ -111,8 +111,8 @@ def test_folder_that_does_not_fit_gets_one_line(folders, tmp_path):
 
 
 def test_covariance_estimate_reads_the_folder(folders, tmp_path):
-    from ldm.covariance import load_covariance
-    from ldm.estimate_covariance import main
+    from ldm.perfusion.covariance import load_covariance
+    from ldm.perfusion.estimate_covariance import main
 
     out = tmp_path / "cov.safetensors"
     assert main(["--config", str(TINY_V2), "--ckpt", str(folders[2]), "--out", str(out), "--max_captions", "50"]) == 0

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.evaluation.harness import recommend, recommended_gates, write_recommendation
+from ldm.evaluation.harness import recommend
+from ldm.perfusion.gate_settings import recommended_gates, write_recommendation
 from ldm.evaluation.metrics import ClipMetric, DinoMetric, preprocess
 from ldm.evaluation.tiny import write_tiny_metric_models
 from tests.concept_files import cli_config, concept_file
@@ -149,7 +150,7 @@ def test_evaluate_concept_end_to_end_and_the_stored_recommendation(scripts, metr
     report = (out / "report.md").read_text()
     assert "| a {} in the jungle |" in report and "of the sampling time" in report
     # the recommendation is the rule's pick on the measured sweep, stored in the concept file
-    from ldm.concepts import load_concept
+    from ldm.perfusion.concepts import load_concept
 
     rec = recommend(cat_entry["sweep"], cat_entry["baseline"]["mean"]["clip_t"], 0.95, "clip_i", "clip_t")
     assert cat_entry["recommendation"] == rec
@@ -164,7 +165,7 @@ def test_evaluate_concept_end_to_end_and_the_stored_recommendation(scripts, metr
                                               "--outdir", str(tmp_path / "samples"), "--device", "cpu"]) == 0
     assert "beta from its stored recommendation, tau from its stored recommendation" in capsys.readouterr().err
     with Image.open(next((tmp_path / "samples/samples").glob("*.png"))) as im:
-        meta = json.loads(im.text["parameters"])
+        meta = json.loads(im.text["settings"])
     assert meta["concepts"][0]["beta"] == 0.55 and meta["concepts"][0]["tau"] == 0.12
     assert meta["concepts"][0]["gates_from"] == {"beta": "recommendation", "tau": "recommendation"}
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ldm.gates import format_gate_table, gate_summary, gate_tables, leak_warning, leaks
-from ldm.inference import format_prompt, load_concepts, unload_concepts
-from ldm.modules.perfusion import gated_rank1_edit
+from ldm.perfusion.gates import format_gate_table, gate_summary, gate_tables, leak_warning, leaks
+from ldm.perfusion.inference import load_concepts, unload_concepts
+from ldm.perfusion.prompts import format_prompt
+from ldm.perfusion.edit import gated_rank1_edit
 from ldm.sample import generate
 from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 from tests.concept_files import cat, cli_config, concept_file, dog, model  # noqa: F401 (fixtures)
@@ -138,7 +139,7 @@ def test_training_rules_train_and_log_gates_to_tensorboard(rule, tmp_path):
 
 
 def test_gate_summary_counts():
-    from ldm.gates import GateTable
+    from ldm.perfusion.gates import GateTable
 
     table = GateTable("p", ["<start>", "a", "*", "<end>"], [[False], [False], [True], [False]],
                       [[0.1], [0.9], [1.0], [0.2]], [[0.01], [0.8], [0.95], [0.6]])

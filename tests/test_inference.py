@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import ldm.modules.perfusion as perfusion_edit
-from ldm.concepts import ConceptError, load_concept, save_concept
+import ldm.perfusion.edit as perfusion_edit
+from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
 from ldm.errors import PerfusionWarning
-from ldm.inference import (JOINT_COND_LIMIT, PLACEHOLDER_TOKENS, format_prompt, i_star_correlations, load_concepts,
-                           prepare_prompt, set_gates, unload_concepts)
+from ldm.perfusion.inference import JOINT_COND_LIMIT, i_star_correlations, load_concepts, set_gates, unload_concepts
+from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, format_prompt, prepare_prompt
 from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.sample import generate
 from tests.concept_files import cat, concept_file, dog, model  # noqa: F401 (fixtures)

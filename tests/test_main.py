@@ -28,7 +28,7 @@ from ldm.build import ConfigError, build_model, load_config
 from ldm.callbacks import StepProgressBar
 from ldm.checkpoint import CheckpointError
 from ldm.cli import run_cli
-from ldm.concepts import load_concept
+from ldm.perfusion.concepts import load_concept
 from ldm.data.loader import ShuffledPassSampler, derive_seed
 from ldm.util import instantiate_from_config
 
@@ -152,7 +152,7 @@ def test_run_directory_layout(first_run):
         for s in (2, 4))
     (saved,) = (run_dir / "configs").iterdir()
     config = OmegaConf.load(saved)
-    assert config.model.target == "ldm.models.diffusion.perfusion.PerfusionLatentDiffusion"
+    assert config.model.target == "ldm.perfusion.model.PerfusionLatentDiffusion"
     assert config.model.params.tau == 0.2 and config.model.params.unet_config.params.model_channels == 32
     assert config.data.params.use_masks is True and config.data.params.superclass == "cat"  # merged
     assert config.lightning.trainer.accelerator == "cpu" and config.lightning.seed == 23

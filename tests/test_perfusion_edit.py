@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.modules.perfusion import ConceptBank, Rank1EditLinear, concept_gates, gated_rank1_edit, patch_cross_attention
+from ldm.perfusion.gate_settings import GateSettings
+from ldm.perfusion.edit import ConceptBank, Rank1EditLinear, concept_gates, gated_rank1_edit, patch_cross_attention
 
 D_IN, D_OUT = 12, 7
 
@@ -144,14 +145,60 @@ def test_bad_beta_tau():
     e, W, I, O, C_inv = _setup(2)
     with pytest.raises(ValueError, match="beta needs 1 or 2 values"):
         gated_rank1_edit(e, W, I, O, C_inv, [0.5, 0.6, 0.7], 0.1, multi="separate")
-    with pytest.raises(ValueError, match="tau must be positive"):
-        gated_rank1_edit(e, W, I, O, C_inv, 0.5, [0.1, 0.0], multi="separate")
     with pytest.raises(ValueError, match="same concepts"):
         gated_rank1_edit(e, W, I, O[:1], C_inv, 0.5, 0.1)
     with pytest.raises(ValueError, match="multi-concept rule must be one of named, separate, joint, approx"):
         gated_rank1_edit(e, W, I, O, C_inv, 0.5, 0.1, multi="exact")
     with pytest.raises(ValueError, match="needs the placeholder positions"):
         gated_rank1_edit(e, W, I, O, C_inv, 0.5, 0.1)   # the named rule, several concepts
+
+
+@pytest.mark.parametrize("beta, tau, message", [
+    (0.5, [0.1, 0.0], "tau must be > 0"), (float("nan"), 0.1, "finite"), ([0.5, 0.6, 0.7], 0.1, "beta has 3 values"),
+    (True, 0.1, "must be a number"), ("0.5", 0.1, "must be a number")])
+def test_gate_settings_are_checked_once_where_they_enter(beta, tau, message):
+    with pytest.raises(ValueError, match=message):
+        GateSettings.of(beta, tau, 2)
+
+
+def test_gate_settings_take_numpy_and_tensor_numbers():
+    import numpy as np
+
+    gates = GateSettings.of(np.float32(0.5), torch.tensor(0.15), 2)
+    assert gates.betas == (0.5, 0.5) and gates.taus == pytest.approx((0.15, 0.15))
+    assert gates.beta.dtype == torch.float32 and gates.beta.shape == (2,)
+
+
+def test_the_edit_forward_never_reads_a_tensor_on_the_host(monkeypatch):
+    """What would wait for the device on a GPU (a tensor read as a Python bool or number) is refused
+    during the forward pass of the edited layers: one concept (training) and two under each rule."""
+    e, W, I, O, C_inv = _setup(2, seed=13)
+    positions = torch.zeros(2, 5, 2, dtype=torch.bool)
+    positions[0, 1, 0] = positions[1, 3, 1] = True
+    gates = GateSettings.of([0.6, 0.7], 0.15, 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host inside the forward pass")
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    one = GateSettings.of(0.6, 0.15, 1)
+    gated_rank1_edit(e, W, I[:1], O[:1], C_inv, one.beta, one.tau)
+    for multi in ("named", "separate", "joint", "approx"):
+        gated_rank1_edit(e, W, I, O, C_inv, gates.beta, gates.tau, multi, positions)
+    monkeypatch.undo()
+    if torch.cuda.is_available():   # on a GPU: CUDA's own check of synchronising calls
+        cuda = [t.cuda() for t in (e, W, I, O, C_inv, positions)]
+        gates = gates.to("cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for multi in ("named", "separate", "joint", "approx"):
+                gated_rank1_edit(*cuda[:5], gates.beta, gates.tau, multi, cuda[5])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(AssertionError, match="read on the host"):   # the guard itself works
+        monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+        bool(torch.ones(1))
 
 
 def test_unpatched_and_inactive_projection_is_bit_identical():

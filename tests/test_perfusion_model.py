@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.build import load_config
-from ldm.concepts import ConceptError, load_concept
+from ldm.perfusion.concepts import ConceptError, load_concept
 from ldm.util import instantiate_from_config
 from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 
@@ -109,7 +109,7 @@ def test_targets_average_the_target_templates_not_the_captions(tmp_path):
 ])
 def test_bad_target_templates_are_one_line_errors(value, message):
     from ldm.errors import UserError
-    from ldm.models.diffusion.perfusion import _target_templates
+    from ldm.perfusion.model import _target_templates
 
     with pytest.raises(UserError, match=message):
         _target_templates(value)
@@ -228,7 +228,7 @@ def test_template_without_placeholder(model):
 
 
 def test_covariance_of_another_text_encoder_is_refused(tmp_path):
-    from ldm.covariance import save_covariance
+    from ldm.perfusion.covariance import save_covariance
 
     path = tmp_path / "cov.safetensors"
     save_covariance(path, torch.eye(64, dtype=torch.float64), {"text_encoder_fingerprint": "0123456789abcdef"})

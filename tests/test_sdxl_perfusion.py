@@ -15,9 +15,10 @@ from PIL import Image
 from ldm import train as main
 from ldm.build import build_model, load_config
 from ldm.checkpoint import original_names
-from ldm.concepts import load_concept, save_concept
-from ldm.covariance import estimate_covariance, load_covariance, save_covariance
-from ldm.inference import load_concepts, prepare_prompt
+from ldm.perfusion.concepts import load_concept, save_concept
+from ldm.perfusion.covariance import estimate_covariance, load_covariance, save_covariance
+from ldm.perfusion.inference import load_concepts
+from ldm.perfusion.prompts import prepare_prompt
 from ldm.interop.diffusers import apply_concepts, remove_concepts
 from ldm.models.diffusion.guidance import initial_noise, make_generator
 from ldm.sample import generate
@@ -117,7 +118,7 @@ def test_the_pooled_embedding_is_the_superclass_prompts(trained, tmp_path):
 
 
 def test_two_concepts_and_global_locking_sample(trained, tmp_path):
-    from ldm.gates import gate_tables
+    from ldm.perfusion.gates import gate_tables
 
     other = train_one_step(build_model(load_config([PERFUSION_XL]), seed=0), seed=5).eval()
     files = [trained.save_concept(tmp_path / "a.safetensors"), other.save_concept(tmp_path / "b.safetensors")]
@@ -134,7 +135,7 @@ def test_two_concepts_and_global_locking_sample(trained, tmp_path):
 
 
 def test_covariance_script_reads_the_concatenated_context(tmp_path):
-    from ldm import estimate_covariance as cli
+    from ldm.perfusion import estimate_covariance as cli
     from tests.test_covariance import first_captions
 
     out = tmp_path / "cov.safetensors"

@@ -17,9 +17,9 @@ from clipseg.tiny import save_tiny_clipseg
 from clipseg.tokenizer_files import build_tokenizer, clip_vocabulary, write_tokenizer_files
 from ldm.data.templates import TEMPLATES, fill
 
+from clipseg import soft_segment
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data"))
-import soft_segment  # noqa: E402
 
 skdata = pytest.importorskip("skimage.data")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ldm.build import build_model, load_config
-from ldm.covariance import load_covariance
+from ldm.perfusion.covariance import load_covariance
 from ldm.toy.localized import LocalizedLatentDiffusion
 from ldm.toy.pretrain import main as pretrain_main, normalize_latent_scale
 from ldm.util import instantiate_from_config
@@ -155,7 +155,7 @@ def test_text_encoder_pretraining_reads_each_object_at_its_noun(tmp_path):
 
 
 def test_tail_spread_measures_only_the_end_and_padding_tokens():
-    from ldm.covariance import first_eot
+    from ldm.perfusion.covariance import first_eot
     from ldm.toy.text_encoder import ToyCaptionLabels, tail_spread
 
     torch.manual_seed(0)

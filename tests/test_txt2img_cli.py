@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.build import load_config
-from ldm.concepts import save_concept
+from ldm.perfusion.concepts import save_concept
 from tests.conftest import ROOT, TINY_V1
 from tests.concept_files import cli_config, concept_file, trained_concept
 
@@ -39,7 +39,7 @@ def run(script, capsys, argv):
 
 def _meta(path):
     with Image.open(path) as im:
-        return im.size, json.loads(im.text["parameters"])
+        return im.size, json.loads(im.text["settings"])
 
 
 FAST = ["--steps", 2, "--scale", 4, "--H", 32, "--W", 32]
@@ -168,6 +168,8 @@ def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expe
     (["--W", "0"], "--W must be at least 1"),
     (["--scale", "nan"], "--scale must be a finite number"),
     (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--sampler", "euler", "--ddim_eta", "0.5"], "--ddim_eta 0.5: only --sampler ddim has an eta"),
+    (["--n_iter", "0"], "--n_iter must be at least 1"),
     (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
     (["--from-file", "IMAGE"], "not a UTF-8 text file"),
 ])
@@ -185,3 +187,44 @@ def test_bad_sampling_flags_name_the_flag(script, capsys, files, tmp_path, flags
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and expected in errors[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_both_sampling_scripts_share_flags_defaults_seeds_and_grids(script, capsys, files, tmp_path):
+    """scripts/txt2img.py takes perfusion_txt2img.py's flags (less the concepts) with the same defaults; the
+    same tiny model, prompt and seeds give the same grid layout, and the PNGs carry AUTOMATIC1111's text."""
+    spec = importlib.util.spec_from_file_location("txt2img", ROOT / "scripts/txt2img.py")
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    shared = {"--prompt", "--from-file", "--negative_prompt", "--sampler", "--steps", "--ddim_steps", "--scale", "--H",
+              "--W", "--ddim_eta", "--n_samples", "--n_iter", "--seed", "--fixed_code", "--skip_grid", "--precision",
+              "--device", "--outdir"}
+    options = {p: {o: a.default for a in p._actions for o in a.option_strings} for p in (base.parser(), script.parser())}
+    assert all(shared <= set(o) for o in options.values())
+    for flag in shared - {"--outdir", "--prompt"}:
+        assert list(options.values())[0][flag] == list(options.values())[1][flag], flag
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na cat on a beach\n")
+    argv = ["--from-file", prompts, "--ddim_steps", 2, "--scale", 4, "--H", 32, "--W", 32, "--n_samples", 2,
+            "--n_iter", 2, "--seed", 11, "--negative_prompt", "blurry"]
+    with pytest.raises(SystemExit) as exit_info:
+        base.run_cli(lambda: base.main([str(a) for a in ["--config", TINY_V1, "--outdir", tmp_path / "base", *argv]]))
+    assert exit_info.value.code == 0
+    code, out, err = run(script, capsys, ["--config", files["config"], "--personalized_ckpt", files["cat"],
+                                          "--outdir", tmp_path / "concept", *argv])
+    assert code == 0, err
+    for folder in ("base", "concept"):
+        grids = sorted((tmp_path / folder).glob("grid-*.png"))
+        assert [g.name for g in grids] == ["grid-00000.png", "grid-00004.png"]   # a grid per prompt
+        size, meta = _meta(grids[1])
+        assert size == (2 * 34 + 2, 2 * 34 + 2) and meta["seeds"] == [13, 14]    # batch k: seed + k
+        with Image.open(tmp_path / folder / "samples/00005.png") as im:
+            text = im.text["parameters"]
+        lines = text.splitlines()
+        assert lines[0] == "a cat on a beach" and lines[1] == "Negative prompt: blurry"
+        assert lines[2].startswith("Steps: 2, Sampler: DDIM, CFG scale: 4.0, Seed: 13, Size: 32x32")
+        assert "Batch size: 2, Batch pos: 1" in lines[2]
+    # paths inside the repository as configs name them, not as absolute local paths
+    assert _meta(tmp_path / "base/samples/00000.png")[1]["config"] == "configs/tiny/v1-tiny.yaml"
+    code, out, err = run(script, capsys, ["--config", files["config"], "--personalized_ckpt", files["cat"],
+                                          "--prompt", "a {}", "--skip_grid", "--outdir", tmp_path / "nogrid", *FAST])
+    assert code == 0 and not list((tmp_path / "nogrid").glob("grid-*.png")) and " grid" not in out

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ldm.evaluation.harness import Sampling, recommend, render, render_concepts, sweep
-from ldm.inference import format_prompt
+from ldm.perfusion.prompts import format_prompt
 
 METRICS = ("clip_t", "clip_i", "dino")
 

@@ -7,10 +7,8 @@ nor the other prompts of a run change it.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -18,8 +16,6 @@ import torch
 from ldm.errors import UserError
 
 DEFAULT_FRACTION = 0.95   # the recommended setting keeps this share of the baseline's alignment
-DEFAULT_BETA = {False: 0.7, True: 0.5}   # public defaults: local key-locking 0.6-0.75, global 0.4-0.6
-DEFAULT_TAU = 0.15
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ def render(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampli
 @contextmanager
 def concepts_loaded(model, concepts: Sequence, betas, taus, **options) -> Iterator:
     """`load_concepts` for the block, the base model again after it."""
-    from ldm.inference import load_concepts, unload_concepts
+    from ldm.perfusion.inference import load_concepts, unload_concepts
 
     loaded = load_concepts(model, list(concepts), betas, taus, **options)
     try:
@@ -67,7 +63,7 @@ def concepts_loaded(model, concepts: Sequence, betas, taus, **options) -> Iterat
 def render_concepts(model, concepts: Sequence, templates: Sequence[str], seeds: Sequence[int], sampling: Sampling,
                     betas, taus, **options) -> torch.Tensor:
     """Render `templates` ('{}' or '{1}', '{2}', ... name the concepts) with the concepts loaded."""
-    from ldm.inference import prepare_prompt
+    from ldm.perfusion.prompts import prepare_prompt
 
     with concepts_loaded(model, concepts, betas, taus, **options) as loaded:
         tokenizer = model.cond_stage_model.tokenizer
@@ -101,48 +97,3 @@ def parse_sweep(text: str, flag: str = "--beta_sweep") -> list[float]:
     if count < 2:
         raise UserError(f"{flag} {text!r}: COUNT must be at least 2")
     return [round(v, 6) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist()]
-
-
-# ----------------------------------------------------------------------------- stored recommendation
-RECOMMENDATION = "recommendation"   # key in the concept file's `extra` metadata
-
-
-def write_recommendation(path: str | Path, point: dict, rule: str) -> Path:
-    """Store `point`'s beta and tau (and the rule that chose them) in the concept file's metadata."""
-    from dataclasses import replace
-
-    from ldm.concepts import load_concept, save_concept
-
-    concept = load_concept(path)
-    entry = {"beta": point["beta"], "tau": point["tau"], "rule": rule}
-    return save_concept(path, replace(concept, extra={**concept.extra, RECOMMENDATION: json.dumps(entry)}))
-
-
-def recommended_gates(concept) -> dict | None:
-    """{"beta", "tau", "rule"} stored by `write_recommendation`, or None."""
-    text = concept.extra.get(RECOMMENDATION)
-    if text is None:
-        return None
-    try:
-        entry = json.loads(text)
-        beta, tau = float(entry["beta"]), float(entry["tau"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"the concept's stored recommendation is not readable: {text!r}") from None
-    return {"beta": beta, "tau": tau, "rule": str(entry.get("rule", ""))}
-
-
-def choose_gates(concepts: Sequence, betas: Sequence[float] | None, taus: Sequence[float] | None,
-                 global_locking: bool = False) -> tuple[list[float], list[float], list[dict]]:
-    """beta/tau not given (None) come from each concept's stored recommendation (measured with
-    local key-locking, so not used with global locking), else the defaults. Returns the betas,
-    the taus and, per concept, where each came from ("given", "recommendation" or "default")."""
-    out_betas, out_taus, origins = [], [], []
-    for n, concept in enumerate(concepts):
-        stored = None if global_locking else recommended_gates(concept)
-        fallback = stored or {"beta": DEFAULT_BETA[global_locking], "tau": DEFAULT_TAU}
-        origin = {k: "given" if given else "recommendation" if stored else "default"
-                  for k, given in (("beta", betas), ("tau", taus))}
-        out_betas.append(betas[n] if betas else fallback["beta"])
-        out_taus.append(taus[n] if taus else fallback["tau"])
-        origins.append(origin)
-    return out_betas, out_taus, origins

@@ -39,8 +39,8 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.evaluation.harness import (DEFAULT_BETA, DEFAULT_FRACTION, DEFAULT_TAU, Sampling, concepts_loaded,
-                                    recommend, render, render_concepts, sweep)
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU
+from ldm.evaluation.harness import DEFAULT_FRACTION, Sampling, concepts_loaded, recommend, render, render_concepts, sweep
 from ldm.toy import fewshot, full_finetune
 from ldm.toy.world import COLOUR_CONCEPTS, CONCEPTS, Scene, SceneObject, caption, look_words
 from ldm.util import REPO_ROOT as ROOT
@@ -231,8 +231,8 @@ class Bench:
         the concept's, the mean number of such tokens above 0.5, and the concept token's mean sim."""
         from statistics import median
 
-        from ldm.gates import gate_tables
-        from ldm.inference import prepare_prompt
+        from ldm.perfusion.gates import gate_tables
+        from ldm.perfusion.prompts import prepare_prompt
 
         with concepts_loaded(self.model, [concept], BETA, TAU) as loaded:
             tokenizer = self.model.cond_stage_model.tokenizer
@@ -249,8 +249,9 @@ class Bench:
         """The concept as training starts: i* = i_super and the superclass word's embedding."""
         from dataclasses import replace
 
-        from ldm.concepts import load_concept
-        from ldm.models.diffusion.perfusion import superclass_embedding, superclass_token_ids
+        from ldm.perfusion.concepts import load_concept
+        from ldm.perfusion.model import superclass_embedding
+        from ldm.perfusion.prompts import superclass_token_ids
 
         concept = load_concept(trained_file)
         encoder = self.model.cond_stage_model

@@ -5,7 +5,7 @@
 
 The concepts are the shipped ones (ckpt/toy/concepts: the toy benchmarks' layout-covering Perfusion
 concepts); nothing is trained. For each pair (a, b), loaded as {1} and {2}, and each rule of
-`ldm.modules.perfusion.MULTI`:
+`ldm.perfusion.edit.MULTI`:
 
 - both named, each in its place ("on the left a {1} and on the right a {2}", top/bottom, both orders):
   both looks right in one image, each look, and the positions;
@@ -30,7 +30,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.evaluation.harness import concepts_loaded
-from ldm.modules.perfusion import MULTI
+from ldm.perfusion.edit import MULTI
 from ldm.toy.benchmark import BETA, TAU, Bench, p_above, pair_scenes, templates
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from ldm.util import REPO_ROOT as ROOT
@@ -51,8 +51,8 @@ def one_named_scenes(named: str, other: str) -> tuple[list[Scene], list[Scene]]:
 
 def conditioning(files: Sequence[Path], C_inv: torch.Tensor) -> tuple[float, float]:
     """(C^-1-correlation of the two i*, condition number of G normalised to unit diagonal)."""
-    from ldm.concepts import load_concept
-    from ldm.inference import i_star_correlations
+    from ldm.perfusion.concepts import load_concept
+    from ldm.perfusion.inference import i_star_correlations
 
     corr = i_star_correlations([load_concept(f) for f in files], C_inv)
     return float(corr[0, 1]), float(torch.linalg.cond(corr))
@@ -63,8 +63,8 @@ def gate_figures(bench: Bench, files: Sequence[Path], rule: str, both: Sequence[
     """Over the both-named prompts: each placeholder's own gate and the other concept's gate there (means),
     and the tokens that are no placeholder with a gate above 0.5 (per prompt); over the one-named prompts,
     the unnamed concept's largest gate (mean)."""
-    from ldm.gates import gate_tables
-    from ldm.inference import prepare_prompt
+    from ldm.perfusion.gates import gate_tables
+    from ldm.perfusion.prompts import prepare_prompt
 
     with concepts_loaded(bench.model, list(files), BETA, TAU, multi=rule) as loaded:
         tok = bench.model.cond_stage_model.tokenizer

@@ -119,7 +119,7 @@ def pretrain(out: Path, logdir: str, overrides: list[str], captions: int, resume
     save_weights(state, ldm_path)
 
     t0 = time.perf_counter()
-    from ldm.estimate_covariance import main as estimate
+    from ldm.perfusion.estimate_covariance import main as estimate
     from ldm.toy.dataset import ToyCaptionDataset
 
     # The toy text encoder only knows the toy grammar, so C comes from toy captions (unseen seed).

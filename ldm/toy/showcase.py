@@ -39,7 +39,7 @@ def save(images: torch.Tensor, path: Path, labels: list[str], metadata: dict) ->
 
 
 def grid(model, loaded, prompts_labels, path: Path, seeds: int, steps: int, scale: float, seed: int) -> Path:
-    from ldm.inference import prepare_prompt
+    from ldm.perfusion.prompts import prepare_prompt
     from ldm.sample import generate
 
     prompts = [prepare_prompt(model.cond_stage_model.tokenizer, p, loaded) for p, _ in prompts_labels]
@@ -53,7 +53,8 @@ def grid(model, loaded, prompts_labels, path: Path, seeds: int, steps: int, scal
 
 def main(argv=None) -> int:
     from ldm.build import build_model, load_config
-    from ldm.inference import load_concepts, prepare_prompt, set_gates
+    from ldm.perfusion.inference import load_concepts, set_gates
+    from ldm.perfusion.prompts import prepare_prompt
     from ldm.sample import generate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,9 +22,9 @@ from torch import nn
 
 from ldm.build import load_config
 from ldm.checkpoint import load_into
-from ldm.covariance import estimate_covariance, first_eot, invert
-from ldm.evaluation.harness import DEFAULT_BETA, DEFAULT_TAU
-from ldm.modules.perfusion import sim_probes
+from ldm.perfusion.covariance import estimate_covariance, first_eot, invert
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU
+from ldm.perfusion.edit import sim_probes
 from ldm.toy.dataset import ToyCaptionDataset
 from ldm.toy.world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, caption
 from ldm.util import REPO_ROOT as ROOT, instantiate_from_config

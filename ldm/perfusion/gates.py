@@ -1,6 +1,6 @@
 """Where Eq. 3's gate opens: sim and gate of every token of a prompt, for each active concept.
 
-    from ldm.gates import gate_tables, format_gate_table, leaks
+    from ldm.perfusion.gates import gate_tables, format_gate_table, leaks
     loaded = load_concepts(model, ["teddy.safetensors"], 0.7, 0.15)
     table = gate_tables(model, [prepare_prompt(tokenizer, "a {} on the beach", loaded)])[0]
     print(format_gate_table(table))
@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.perfusion import rule_gates, shared_tokens
+from ldm.perfusion.edit import rule_gates, shared_tokens
 
 
 @dataclass
@@ -69,7 +69,7 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, rows))
     own = tokens[..., None] == torch.tensor(list(rows), device=tokens.device)
     multi = bank.multi if shared_tokens(bank.i_star.shape[0], bank.gate_at) else "separate"
-    sim, gate = rule_gates(e, bank.i_star, bank.C_inv, bank.beta, bank.tau, multi, own)
+    sim, gate = rule_gates(e, bank.i_star, bank.C_inv, bank.gates.beta, bank.gates.tau, multi, own)
     return [GateTable(p, _labels(encoder.tokenizer, t.tolist()), o.tolist(), s.tolist(), g.tolist())
             for p, t, o, s, g in zip(prompts, tokens, own, sim.float().cpu(), gate.float().cpu())]
 

@@ -1,14 +1,13 @@
-"""Trained Perfusion concepts at inference time: loading several into one model, and prompts naming them.
+"""Trained Perfusion concepts at inference time: loading several into one model, checked first
+(fingerprints, shapes, distinct i*), with their gate settings.
 
 Each loaded concept gets its own placeholder token, picked from `PLACEHOLDER_TOKENS` at load
-time, so concepts trained with the same placeholder ("*") can be combined in one prompt.
-Prompts name the concepts `{}` (one concept) or `{1}`, `{2}`, ... (in load order);
-`format_prompt` puts the assigned tokens in. Several concepts use Appendix B of Tewel et al.
-(2023): exact (Cholesky/QR projection) or the authors' approximation.
+time, so concepts trained with the same placeholder ("*") can be combined in one prompt
+(ldm.perfusion.prompts). Several concepts use Appendix B of Tewel et al. (2023) under the rule
+`multi` (see gated_rank1_edit).
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +15,17 @@ from typing import Sequence
 
 import torch
 
-from ldm.concepts import Concept, ConceptError, load_concept
+from ldm.perfusion.concepts import Concept, ConceptError, load_concept
 from ldm.errors import PerfusionWarning, UserError
-from ldm.models.diffusion.perfusion import word_pattern
-from ldm.modules.perfusion import ConceptState, check_multi, superclass_keys
+from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, placeholder_tokens
+from ldm.perfusion.edit import ConceptState, check_multi, superclass_keys
+from ldm.perfusion.gate_settings import GateSettings
 
-# Rare single CLIP tokens (SD1 and SD2 share the BPE vocabulary); each one is checked at load time.
-PLACEHOLDER_TOKENS = ("sks", "ohwx", "nlwx", "rctid", "httr", "shld", "wral", "pafc")
 FINGERPRINT_HINTS = {
     "unet": "another base checkpoint? pass the --ckpt it was trained from",
     "text_encoder": "another text encoder or SD version",
     "covariance": "another covariance: set model.params.covariance_path to the file it was trained with",
 }
-_SLOT = re.compile(r"\{(\d*)\}")
 
 
 @dataclass
@@ -39,36 +36,20 @@ class LoadedConcepts:
     concepts: list[Concept]
     tokens: list[str]              # the placeholder token assigned to each concept
     token_ids: list[int]
-    betas: list[float]
-    taus: list[float]
+    gates: GateSettings
     global_locking: bool
     multi: str
     gate_at: str = "all"
     state: ConceptState | None = None   # what the model's bank applies while these are loaded
+
+    betas = property(lambda self: list(self.gates.betas))
+    taus = property(lambda self: list(self.gates.taus))
 
     def describe(self) -> list[dict]:
         """Per-concept settings, for image metadata."""
         return [{"file": name, "token": tok, "trained_placeholder": c.placeholder, "superclass": c.superclass,
                  "beta": b, "tau": t}
                 for name, c, tok, b, t in zip(self.names, self.concepts, self.tokens, self.betas, self.taus)]
-
-
-def per_concept(values: Sequence[float] | float, n: int, name: str) -> list[float]:
-    """One value for all `n` concepts, or exactly one per concept."""
-    numbers = [values] if isinstance(values, (int, float)) else values
-    if isinstance(values, (str, bytes)) or not isinstance(numbers, Sequence) or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        raise UserError(f"{name} must be a number or a list of numbers (one per concept), got {values!r}")
-    values = [float(v) for v in numbers]
-    if len(values) == 1:
-        values = values * n
-    if len(values) != n:
-        raise UserError(f"{name} has {len(values)} values for {n} concepts; give one value or one per concept")
-    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
-        raise UserError(f"{name} values must be finite numbers, got {values}")
-    if name == "tau" and any(v <= 0 for v in values):
-        raise UserError(f"tau must be > 0 (it divides the gate's input), got {values}")
-    return values
 
 
 def read_concepts(concepts: Sequence[str | Path | Concept], names: Sequence[str] | None = None
@@ -144,17 +125,6 @@ def check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: 
                       "superclass): use the default rule, named", PerfusionWarning, stacklevel=3)
 
 
-def placeholder_tokens(tokenizer, n: int) -> tuple[list[str], list[int]]:
-    tokens = list(PLACEHOLDER_TOKENS[:n])
-    ids = []
-    for token in tokens:
-        encoded = tokenizer.encode(token)
-        if len(encoded) != 1:
-            raise UserError(f"placeholder token {token!r} is not a single token of this tokenizer")
-        ids.append(encoded[0])
-    return tokens, ids
-
-
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
                   global_locking: bool = False, multi: str = "named", names: Sequence[str] | None = None,
                   gate_at: str = "all") -> LoadedConcepts:
@@ -175,11 +145,11 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
     check_multi(multi)
     if not hasattr(model, "bank"):
         raise UserError(f"{type(model).__name__} cannot take Perfusion concepts; use a config whose model.target "
-                         "is ldm.models.diffusion.perfusion.PerfusionLatentDiffusion")
+                         "is ldm.perfusion.model.PerfusionLatentDiffusion")
     n = len(concepts)
     if not 1 <= n <= len(PLACEHOLDER_TOKENS):
         raise UserError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
-    betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
+    gates = GateSettings.of(betas, taus, n, model.device)
     loaded, names = read_concepts(concepts, names)
     methods = {c.method for c in loaded}
     if "embedding" in methods and len(methods) > 1:
@@ -208,10 +178,10 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
             o_key = [torch.stack([c.o_star_k[layer].to(device, torch.float32) if c.method == "trained_keys"
                                   else locked[layer][j] for j, c in enumerate(loaded)])
                      for layer in range(len(bank.keys))]
-        state.update(bank.targets(i_star, i_super, o_value, betas, taus, o_key=o_key),
+        state.update(bank.targets(i_star, i_super, o_value, gates, o_key=o_key),
                      global_locking=global_locking, gate_at=gate_at)
     bank.state = ConceptState(**state)   # one assignment: what was loaded before is replaced whole
-    return LoadedConcepts(list(names), loaded, tokens, ids, betas, taus, global_locking and edited, multi,
+    return LoadedConcepts(list(names), loaded, tokens, ids, gates, global_locking and edited, multi,
                           gate_at if edited else "all", bank.state)
 
 
@@ -220,11 +190,10 @@ def set_gates(model, loaded: LoadedConcepts, betas, taus) -> None:
     if model.bank.state is not loaded.state:
         raise UserError("these concepts are no longer loaded in the model (unloaded, or replaced by another "
                         "load_concepts); load them again")
-    n = len(loaded.concepts)
-    betas, taus = per_concept(betas, n, "beta"), per_concept(taus, n, "tau")
+    gates = GateSettings.of(betas, taus, len(loaded.concepts), model.device)
     if model.bank.active:   # textual-inversion concepts have no gates
-        model.bank.set_gates(betas, taus)
-    loaded.betas, loaded.taus, loaded.state = betas, taus, model.bank.state
+        model.bank.set_gates(gates)
+    loaded.gates, loaded.state = gates, model.bank.state
 
 
 def unload_concepts(model) -> None:
@@ -255,41 +224,3 @@ def read_prompt_file(path: str | Path, flag: str) -> list[str]:
     if not prompts:
         raise UserError(f"{flag} {path}: no prompts in it (one per line)")
     return prompts
-
-
-def format_prompt(template: str, tokens: Sequence[str]) -> str:
-    """Replace `{}` (one concept) or `{1}`, `{2}`, ... (1-based, load order) by the assigned tokens."""
-    n = len(tokens)
-    slots = _SLOT.findall(template)
-    if "" in slots and len(slots) > slots.count(""):
-        raise UserError(f"prompt {template!r} mixes '{{}}' with numbered placeholders; use {{1}}, {{2}}, ...")
-    if "" in slots and n != 1:
-        raise UserError(f"prompt {template!r} uses '{{}}' but {n} concepts are loaded; name them {{1}}..{{{n}}}")
-    for slot in slots:
-        if slot and not 1 <= int(slot) <= n:
-            raise UserError(f"prompt {template!r} names {{{slot}}} but {n} concept{'s are' if n != 1 else ' is'} "
-                             f"loaded ({{1}}..{{{n}}})")
-    for token in tokens:
-        if word_pattern(token).search(template):
-            raise UserError(f"prompt {template!r} contains {token!r}, a word reserved for the concepts' placeholders")
-    return _SLOT.sub(lambda m: tokens[int(m.group(1) or 1) - 1], template)
-
-
-def prepare_prompt(tokenizer, template: str, loaded: LoadedConcepts) -> str:
-    """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own
-    (and within the `tokenizer.max_length - 2` tokens it keeps between start and end)."""
-    if not isinstance(template, str):
-        raise UserError(f"prompt must be text with {{}} (or {{1}}, {{2}}, ...) for the concepts, got {template!r}")
-    prompt = format_prompt(template, loaded.tokens)
-    max_tokens = tokenizer.max_length - 2
-    ids = tokenizer.encode(prompt)
-    slots = [int(s or 1) for s in _SLOT.findall(template)]
-    for n, (token, token_id) in enumerate(zip(loaded.tokens, loaded.token_ids), start=1):
-        wanted = slots.count(n)
-        if ids.count(token_id) != wanted or len(word_pattern(token).findall(prompt)) != wanted:
-            raise UserError(f"in prompt {template!r} placeholder {{{n}}} merges with the characters next to it; "
-                             "put spaces or punctuation around each placeholder")
-        if ids[:max_tokens].count(token_id) != wanted:
-            raise UserError(f"prompt {template!r} is {len(ids)} tokens; placeholder {{{n}}} falls beyond the text "
-                             f"encoder's limit of {max_tokens}")
-    return prompt

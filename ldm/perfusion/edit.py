@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import UserError
+from ldm.perfusion.gate_settings import GateSettings
 
 
 def _per_concept(value, n: int, name: str, device) -> torch.Tensor:
@@ -45,20 +46,21 @@ def sim_probes(i_star: torch.Tensor, C_inv: torch.Tensor, device, dtype, joint: 
     wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
     I, C_inv = i_star.to(device, wide), C_inv.to(device, wide)
     CI = I @ C_inv                                                    # rows i*_n^T C^-1
-    probes = torch.linalg.solve(CI @ I.T, CI) if joint else CI / (CI * I).sum(-1, keepdim=True)
+    # solve_ex: no check of the result on the host (a synchronisation); the i* are checked at load time
+    probes = torch.linalg.solve_ex(CI @ I.T, CI)[0] if joint else CI / (CI * I).sum(-1, keepdim=True)
     return probes.to(dtype)
 
 
 def concept_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau, joint: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sim, gate), each (B, T, N) in float32 or wider: Eq. 3's sim_n(e) (`joint`: see sim_probes) and
-    sigmoid((sim - beta) / tau) at every token, for each of the N concepts."""
+    sigmoid((sim - beta) / tau) at every token, for each of the N concepts. beta and tau (a number or
+    N; tensors on e's device are used as they are) are checked where they enter (GateSettings), not
+    here: this runs in every edited layer, and a check of tensor values would wait for the device."""
     n = i_star.shape[0]
     dtype = torch.promote_types(e.dtype, torch.float32)
     beta = _per_concept(beta, n, "beta", e.device).to(dtype)
     tau = _per_concept(tau, n, "tau", e.device).to(dtype)
-    if (tau <= 0).any():
-        raise UserError(f"tau must be positive, got {tau.tolist()}")
     with torch.autocast(e.device.type, enabled=False):
         sim = e.to(dtype) @ sim_probes(i_star, C_inv, e.device, dtype, joint).T
         return sim, torch.sigmoid((sim - beta) / tau)
@@ -92,7 +94,7 @@ def _exact_projection(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor
     u_n = L^-T q_n, e_perp = e - sum_n u_n (u_n^T C^-1 e). Factorised in float64 (float32 on mps)."""
     wide = torch.float32 if e.device.type == "mps" else torch.float64
     I, C_inv = i_star.to(e.device, wide), C_inv.to(e.device, wide)
-    L = torch.linalg.cholesky(C_inv)
+    L = torch.linalg.cholesky_ex(C_inv)[0]                    # C^-1 is checked positive definite when loaded
     Q, _ = torch.linalg.qr(L.T @ I.T)                         # (d_in, N), orthonormal columns
     U = torch.linalg.solve_triangular(L.T, Q, upper=True)     # u_n = L^-T q_n
     return e - (e @ (C_inv @ U).to(e.dtype)) @ U.to(e.dtype).T
@@ -210,8 +212,7 @@ class ConceptState:
     i_star: torch.Tensor | None = None          # (N, d_in); None: no edit (base model, textual inversion)
     o_key: tuple[torch.Tensor, ...] = ()        # per layer (N, d_out): W_K i_super, or trained keys
     o_value: tuple[torch.Tensor, ...] = ()      # per layer (N, d_out): o*_V
-    beta: object = None                         # float or N values
-    tau: object = None
+    gates: GateSettings | None = None           # beta and tau of the N concepts
     global_locking: bool = False
     multi: str = "named"                        # the rule for several concepts (gated_rank1_edit)
     gate_at: str = "all"
@@ -273,8 +274,7 @@ class ConceptBank:
     i_star = property(lambda self: self._state.i_star)
     o_key = property(lambda self: self._state.o_key)
     o_value = property(lambda self: self._state.o_value)
-    beta = property(lambda self: self._state.beta)
-    tau = property(lambda self: self._state.tau)
+    gates = property(lambda self: self._state.gates)
     global_locking = property(lambda self: self._state.global_locking)
     multi = property(lambda self: self._state.multi)
     gate_at = property(lambda self: self._state.gate_at)
@@ -287,39 +287,32 @@ class ConceptBank:
     def needs_positions(self) -> bool:
         return self.active and needs_positions(self.i_star.shape[0], self.gate_at, self.multi)
 
-    def targets(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor], beta, tau,
-                o_key: Sequence[torch.Tensor] | None = None) -> dict:
+    def targets(self, i_star: torch.Tensor, i_super: torch.Tensor, o_value: Sequence[torch.Tensor],
+                gates: GateSettings, o_key: Sequence[torch.Tensor] | None = None) -> dict:
         """The ConceptState fields of N concepts: i_star, i_super (N, d_in); o_value[l] (N, d_out_l);
-        beta/tau float or N. Keys are locked (o*_K = W_K i_super) unless `o_key` gives them (the
+        `gates` of N concepts. Keys are locked (o*_K = W_K i_super) unless `o_key` gives them (the
         trained-keys ablation)."""
         if len(o_value) != len(self.values):
             raise UserError(f"concept has {len(o_value)} value outputs, the U-Net has {len(self.values)} "
                              "cross-attention layers (trained on another base model?)")
-        self._check_gates(beta, tau, i_star.shape[0])
+        if len(gates.betas) != i_star.shape[0]:
+            raise ValueError(f"gate settings for {len(gates.betas)} concepts, targets for {i_star.shape[0]}")
         if o_key is not None and len(o_key) != len(self.keys):
             raise UserError(f"{len(o_key)} key outputs given, the U-Net has {len(self.keys)} cross-attention layers")
         o_key = superclass_keys(self.keys, i_super) if o_key is None else o_key
-        return dict(i_star=i_star, o_key=tuple(o_key), o_value=tuple(o_value), beta=beta, tau=tau)
+        return dict(i_star=i_star, o_key=tuple(o_key), o_value=tuple(o_value), gates=gates.to(i_star.device))
 
-    def set_gates(self, beta, tau):
-        """New inference-time beta/tau (float or one per active concept) for the same concepts."""
+    def set_gates(self, gates: GateSettings):
+        """New inference-time beta/tau for the same concepts."""
         if not self.active:
             raise UserError("no concepts are active; set them before their gates")
-        self._check_gates(beta, tau, self.i_star.shape[0])
-        self.state = replace(self.state, beta=beta, tau=tau)
-
-    @staticmethod
-    def _check_gates(beta, tau, n: int):
-        for name, v in (("beta", beta), ("tau", tau)):
-            t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
-            if t.numel() not in (1, n):
-                raise UserError(f"{name} needs 1 or {n} values (one per concept), got {t.numel()}")
-            if name == "tau" and (t <= 0).any():
-                raise UserError(f"tau must be positive, got {t.tolist()}")
+        if len(gates.betas) != self.i_star.shape[0]:
+            raise ValueError(f"gate settings for {len(gates.betas)} concepts, {self.i_star.shape[0]} are active")
+        self.state = replace(self.state, gates=gates.to(self.i_star.device))
 
     def clear(self):
         """No edit (the projections are the base model's); the other state fields stay."""
-        self.state = replace(self.state, i_star=None, o_key=(), o_value=(), beta=None, tau=None)
+        self.state = replace(self.state, i_star=None, o_key=(), o_value=(), gates=None)
 
     # ----------------------------------------------------------------- context layout
     def pack(self, e: torch.Tensor, e_super: torch.Tensor | None = None,
@@ -363,7 +356,8 @@ class ConceptBank:
         else:
             targets = self.o_key if layer.role == "key" else self.o_value
             out = gated_rank1_edit(e, layer.weight, self.i_star, targets[layer.index], self.C_inv,
-                                   self.beta, self.tau, self.multi, positions, self.gate_at).to(e.dtype)
+                                   self.gates.beta, self.gates.tau, self.multi, positions,
+                                   self.gate_at).to(e.dtype)
         if use_cache:
             self._cache[slot] = (context, version, out)
         return out

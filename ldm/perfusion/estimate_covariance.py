@@ -4,7 +4,7 @@
 
 Streams the captions through the text encoder of CFG (weights from BASE), accumulates
 E[e e^T] of the encodings the U-Net's cross-attention receives in float64 over the tokens chosen
-by --token_rule, and saves C and C^-1 with metadata (see ldm/covariance.py).
+by --token_rule, and saves C and C^-1 with metadata (see ldm/perfusion/covariance.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.util import REPO_ROOT
-from ldm.covariance import (
+from ldm.perfusion.covariance import (
     DEFAULT_RIDGE, TOKEN_RULES, accumulate, add_ridge, count_captions, eigen_report, invert, save_covariance,
 )
 
