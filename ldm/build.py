@@ -13,7 +13,6 @@ from ldm.checkpoint import load_model
 from ldm.errors import UserError
 from ldm.util import REPO_ROOT, instantiate_from_config
 
-
 # `${repo:ckpt/toy/x.safetensors}` in a config: a path inside this repository, whatever the working directory.
 OmegaConf.register_resolver("repo", lambda path: str(REPO_ROOT / path), replace=True)
 

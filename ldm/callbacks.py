@@ -24,6 +24,7 @@ from torchvision.utils import make_grid
 from ldm.checkpoint import CheckpointError
 from ldm.errors import UserError
 from ldm.outputs import save_png, to_pil
+from ldm.sample import generate
 from ldm.util import fingerprint_tensors
 
 
@@ -162,7 +163,8 @@ class FrozenWeightsCheckpointIO(TorchCheckpointIO):
 
 
 class ImageLogger(_EveryNSteps):
-    """Every N steps on global rank 0: `pl_module.log_images(batch)` -> {name: (B, 3, H, W) in [0, 1]},
+    """Every N steps on global rank 0: `pl_module.log_images(batch, sample=generate)` -> {name: (B, 3, H, W)
+    in [0, 1]} (`generate` of ldm.sample, so that a model does not reach up to the sampler),
     each written as one grid to TensorBoard (`<split>/<name>`) and to `<dirpath>/<name>_step_XXXXXX.png`.
 
     The module runs in eval mode without gradients and goes back to its previous mode afterwards.
@@ -182,7 +184,7 @@ class ImageLogger(_EveryNSteps):
         pl_module.eval()
         try:
             with torch.no_grad():
-                images = pl_module.log_images(batch)
+                images = pl_module.log_images(batch, sample=generate)
         finally:
             pl_module.train(was_training)
         step = trainer.global_step

@@ -7,16 +7,13 @@ file that would import or call code is refused instead of executed.
 """
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from ldm.errors import UserError
 from ldm.interop.diffusers_folder import is_diffusers_folder, read_diffusers_folder, read_vae_folder, scheduler_config
+from ldm.weights_file import CheckpointError, read_weights_file
 
 # Buffers of LatentDiffusion that the schedule recomputes from the config; checkpoints carry them.
 SCHEDULE_BUFFERS = {
@@ -26,10 +23,6 @@ SCHEDULE_BUFFERS = {
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights", "scale_factor",
 }
 _CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message is one line that names the file."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -45,44 +38,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return vae
         raise CheckpointError(f"{path}: is a directory without model_index.json, expected a .ckpt or "
                               ".safetensors checkpoint file or a diffusers-format folder")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise CheckpointError(f"{path}: file is empty")
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
-                              "is it a text or HTML file?")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses globals it does not know: the file wants to build objects or run code.
-        what = re.search(r"GLOBAL (\S+)", str(err))
-        culprit = f" ({what.group(1)})" if what else ""
-        raise CheckpointError(f"{path}: refused to unpickle: the file asks to import or call code{culprit}, "
-                              "and only plain tensors are loaded; convert it to .safetensors with a trusted tool")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}")
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: holds no tensors")
-    return tensors
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {err}")
+    return read_weights_file(path)
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor], ema_names: Iterable[str] = (),

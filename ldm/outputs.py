@@ -13,6 +13,8 @@ from torchvision.utils import make_grid
 from ldm.errors import UserError
 from ldm.util import atomic_path
 
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M"}   # as AUTOMATIC1111 writes them
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> 8-bit RGB image."""
@@ -20,11 +22,26 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def a1111_parameters(meta: dict) -> str:
+    """The settings as AUTOMATIC1111 writes them under the PNG key `parameters` (prompt, "Negative prompt:",
+    then "Steps: ..., Sampler: ..."), which image browsers and tools around it read."""
+    fields = {"Steps": meta.get("steps"), "Sampler": SAMPLER_NAMES.get(meta.get("sampler"), meta.get("sampler")),
+              "Schedule type": "Karras" if meta.get("sampler") in ("euler", "dpmpp_2m") else None,
+              "CFG scale": meta.get("scale"), "Seed": meta.get("seed"),
+              "Size": f"{meta['W']}x{meta['H']}" if "W" in meta and "H" in meta else None,
+              "Model": Path(meta["ckpt"]).stem if meta.get("ckpt") else None,
+              "Batch size": meta.get("n_samples"), "Batch pos": meta.get("index_in_batch"),
+              "Eta": meta.get("ddim_eta") or None}
+    lines = [meta.get("prompt", "")]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
 def save_png(image: Image.Image, path: Path, metadata: Mapping | None = None) -> Path:
     """Write atomically; `metadata` goes into the text chunk 'settings' as JSON and, for the image of a
-    prompt, into 'parameters' in AUTOMATIC1111's text form (ldm.sampling_cli.a1111_parameters)."""
-    from ldm.sampling_cli import a1111_parameters
-
+    prompt, into 'parameters' in AUTOMATIC1111's text form (a1111_parameters)."""
     info = PngImagePlugin.PngInfo()
     if metadata:
         info.add_text("settings", json.dumps(metadata, sort_keys=True))

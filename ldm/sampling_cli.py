@@ -12,7 +12,6 @@ import torch
 from ldm.errors import UserError
 
 DEFAULT_SCALE = 6.0
-SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M"}   # as AUTOMATIC1111 writes them
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, outdir: str, batches: bool = True) -> None:
@@ -89,23 +88,6 @@ def as_given(path) -> str | None:
         return None
     path = Path(path)
     return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def a1111_parameters(meta: dict) -> str:
-    """The settings as AUTOMATIC1111 writes them under the PNG key `parameters` (prompt, "Negative prompt:",
-    then "Steps: ..., Sampler: ..."), which image browsers and tools around it read."""
-    fields = {"Steps": meta.get("steps"), "Sampler": SAMPLER_NAMES.get(meta.get("sampler"), meta.get("sampler")),
-              "Schedule type": "Karras" if meta.get("sampler") in ("euler", "dpmpp_2m") else None,
-              "CFG scale": meta.get("scale"), "Seed": meta.get("seed"),
-              "Size": f"{meta['W']}x{meta['H']}" if "W" in meta and "H" in meta else None,
-              "Model": Path(meta["ckpt"]).stem if meta.get("ckpt") else None,
-              "Batch size": meta.get("n_samples"), "Batch pos": meta.get("index_in_batch"),
-              "Eta": meta.get("ddim_eta") or None}
-    lines = [meta.get("prompt", "")]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
 
 
 def sample_and_save(model, args, prompts: list[tuple[str, str]], negative: str, settings: dict, height: int,

@@ -265,11 +265,11 @@ def eval_overhead(args) -> int:
     (random weights, a concept initialised from one batch) with tiny random CLIP and DINO models."""
     import tempfile
 
-    from ldm.perfusion.concepts import load_concept
     from ldm.evaluation.concept_eval import Judge, evaluate
     from ldm.evaluation.harness import Sampling
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
     from ldm.evaluation.tiny import write_tiny_metric_models
+    from ldm.perfusion.concepts import load_concept
     from ldm.perfusion.inference import read_prompt_file
 
     config = load_config([args.config], args.overrides)

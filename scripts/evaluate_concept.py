@@ -23,8 +23,8 @@ import torch
 
 from ldm.cli import run_cli
 from ldm.errors import MissingFileError, NotAFolderError, UserError
-from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates
 from ldm.evaluation.harness import DEFAULT_FRACTION, Sampling, parse_sweep
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates
 from ldm.sampling_cli import add_sampling_flags, check_sampling_flags
 from ldm.util import REPO_ROOT
 
@@ -86,8 +86,8 @@ def reference_images(folder: str) -> list[torch.Tensor]:
 
 def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | None:
     """A flag's comma-separated numbers (None when not given); with `n`, one per concept."""
-    from ldm.perfusion.inference import parse_numbers
     from ldm.perfusion.gate_settings import per_concept
+    from ldm.perfusion.inference import parse_numbers
 
     if text is None:
         return None
@@ -97,10 +97,10 @@ def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ldm.perfusion.concepts import load_concept
     from ldm.evaluation.concept_eval import Judge, evaluate, write_report
-    from ldm.perfusion.gate_settings import write_recommendation
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
+    from ldm.perfusion.concepts import load_concept
+    from ldm.perfusion.gate_settings import write_recommendation
 
     files = [f.strip() for f in args.concepts.split(",") if f.strip()]
     folders = [f.strip() for f in args.images.split(",") if f.strip()]

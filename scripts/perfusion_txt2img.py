@@ -20,15 +20,14 @@ import sys
 
 from ldm.build import build_perfusion
 from ldm.cli import run_cli
-from ldm.perfusion.concepts import load_concept
 from ldm.errors import UserError
-from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates, recommended_gates
 from ldm.evaluation.harness import parse_sweep
+from ldm.perfusion.concepts import load_concept
+from ldm.perfusion.edit import MULTI
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates, per_concept, recommended_gates
 from ldm.perfusion.gates import format_gate_table, gate_tables, leak_warning
 from ldm.perfusion.inference import load_concepts, parse_numbers, set_gates
-from ldm.perfusion.gate_settings import per_concept
 from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, format_prompt, prepare_prompt
-from ldm.perfusion.edit import MULTI
 from ldm.sampling_cli import add_sampling_flags, as_given, check_sampling_flags, read_prompts, report, sample_and_save
 
 

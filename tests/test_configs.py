@@ -70,6 +70,7 @@ def test_a_killed_writers_temp_file_is_cleaned_by_the_next_save(tmp_path):
     assert not stale.exists() and other.exists()
 
 
+@pytest.mark.slow
 def test_a_toy_command_runs_from_another_folder(tmp_path):
     import subprocess
     import sys

@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.perfusion.covariance import (
-    CovarianceAccumulator, CovarianceError, accumulate, add_ridge, eigen_report, estimate_covariance, invert,
-    iter_captions, load_covariance, save_covariance, token_mask,
-)
+from ldm.perfusion.covariance import (CovarianceAccumulator, CovarianceError, accumulate, add_ridge, eigen_report,
+                                      estimate_covariance, invert, iter_captions, load_covariance, save_covariance,
+                                      token_mask)
 
 REPO = Path(__file__).resolve().parents[1]
 from ldm.perfusion import estimate_covariance as est  # noqa: E402

@@ -17,12 +17,12 @@ from safetensors.torch import save_file
 
 from ldm.build import build_model, load_config
 from ldm.checkpoint import CheckpointError
-from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
-from ldm.perfusion.covariance import estimate_covariance, save_covariance
 from ldm.errors import UserError
 from ldm.interop.diffusers import apply_concepts, cross_attention_names, remove_concepts
 from ldm.interop.diffusers_folder import DiffusersFolderError
 from ldm.models.diffusion.guidance import initial_noise, make_generator
+from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
+from ldm.perfusion.covariance import estimate_covariance, save_covariance
 from tests.conftest import ROOT, TINY_PERFUSION, TINY_V1, TINY_V2, train_one_step
 from tests.diffusers_tiny import tiny_folder
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.evaluation.harness import recommend
-from ldm.perfusion.gate_settings import recommended_gates, write_recommendation
 from ldm.evaluation.metrics import ClipMetric, DinoMetric, preprocess
 from ldm.evaluation.tiny import write_tiny_metric_models
+from ldm.perfusion.gate_settings import recommended_gates, write_recommendation
 from tests.concept_files import cli_config, concept_file
 from tests.conftest import ROOT
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ldm.perfusion.edit import gated_rank1_edit
 from ldm.perfusion.gates import format_gate_table, gate_summary, gate_tables, leak_warning, leaks
 from ldm.perfusion.inference import load_concepts, unload_concepts
 from ldm.perfusion.prompts import format_prompt
-from ldm.perfusion.edit import gated_rank1_edit
 from ldm.sample import generate
-from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 from tests.concept_files import cat, cli_config, concept_file, dog, model  # noqa: F401 (fixtures)
+from tests.conftest import ROOT, perfusion_batch, tiny_perfusion_model
 
 
 @pytest.mark.parametrize("multi", ["named", "separate", "joint"])
@@ -116,6 +116,7 @@ def test_gate_at_concept_sampling_differs_and_unload_restores(model, cat):
         load_concepts(model, [cat], 0.5, 0.15, gate_at="everywhere")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["all", "all_detached", "concept"])
 def test_training_rules_train_and_log_gates_to_tensorboard(rule, tmp_path):
     import lightning.pytorch as pl

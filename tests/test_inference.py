@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import ldm.perfusion.edit as perfusion_edit
-from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
 from ldm.errors import PerfusionWarning
+from ldm.modules.tokenizer import CLIPTokenizer
+from ldm.perfusion.concepts import ConceptError, load_concept, save_concept
 from ldm.perfusion.inference import JOINT_COND_LIMIT, i_star_correlations, load_concepts, set_gates, unload_concepts
 from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, format_prompt, prepare_prompt
-from ldm.modules.tokenizer import CLIPTokenizer
 from ldm.sample import generate
 from tests.concept_files import cat, concept_file, dog, model  # noqa: F401 (fixtures)
 

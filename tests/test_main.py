@@ -28,9 +28,11 @@ from ldm.build import ConfigError, build_model, load_config
 from ldm.callbacks import StepProgressBar
 from ldm.checkpoint import CheckpointError
 from ldm.cli import run_cli
-from ldm.perfusion.concepts import load_concept
 from ldm.data.loader import ShuffledPassSampler, derive_seed
+from ldm.perfusion.concepts import load_concept
 from ldm.util import instantiate_from_config
+
+pytestmark = pytest.mark.slow   # Lightning training runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PERFUSION = ROOT / "configs/tiny/perfusion-tiny.yaml"

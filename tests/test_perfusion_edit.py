@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.perfusion.gate_settings import GateSettings
 from ldm.perfusion.edit import ConceptBank, Rank1EditLinear, concept_gates, gated_rank1_edit, patch_cross_attention
+from ldm.perfusion.gate_settings import GateSettings
 
 D_IN, D_OUT = 12, 7
 

@@ -15,12 +15,12 @@ from PIL import Image
 from ldm import train as main
 from ldm.build import build_model, load_config
 from ldm.checkpoint import original_names
+from ldm.interop.diffusers import apply_concepts, remove_concepts
+from ldm.models.diffusion.guidance import initial_noise, make_generator
 from ldm.perfusion.concepts import load_concept, save_concept
 from ldm.perfusion.covariance import estimate_covariance, load_covariance, save_covariance
 from ldm.perfusion.inference import load_concepts
 from ldm.perfusion.prompts import prepare_prompt
-from ldm.interop.diffusers import apply_concepts, remove_concepts
-from ldm.models.diffusion.guidance import initial_noise, make_generator
 from ldm.sample import generate
 from ldm.util import instantiate_from_config
 from tests.conftest import ROOT, perfusion_batch, train_one_step
@@ -167,6 +167,7 @@ def sdxl_folder(work):
     return work / "sdxl"
 
 
+@pytest.mark.slow
 def test_training_through_main_writes_an_sdxl_concept(sdxl_folder, work):
     trainer = main.run(["--base", str(PERFUSION_XL), "-t", "--name", "xl", "--logdir", str(work / "logs"),
                         "--accelerator", "cpu", f"model.ckpt={sdxl_folder}", "lightning.trainer.max_steps=2",

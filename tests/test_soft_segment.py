@@ -12,12 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from clipseg import SoftMasker, load_clipseg, probability_to_uint8
+from clipseg import SoftMasker, load_clipseg, probability_to_uint8, soft_segment
 from clipseg.tiny import save_tiny_clipseg
 from clipseg.tokenizer_files import build_tokenizer, clip_vocabulary, write_tokenizer_files
 from ldm.data.templates import TEMPLATES, fill
-
-from clipseg import soft_segment
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from ldm.toy import fewshot
-from ldm.toy.benchmark import (GATE_ROWS, METHODS, NARROW_METHODS, SUPERCLASS, VARIANTS, eval_scenes, judge,
-                               main as benchmark, p_above, pair_scenes, templates)
+from ldm.toy.benchmark import main as benchmark
+from ldm.toy.experiment import (GATE_ROWS, METHODS, NARROW_METHODS, SUPERCLASS, VARIANTS, eval_scenes, judge, p_above,
+                                pair_scenes, templates)
 from ldm.toy.showcase import main as showcase
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from tests.conftest import ROOT
@@ -42,7 +43,7 @@ def test_judge_separates_the_look_from_the_rest():
 
 @pytest.mark.parametrize("table", [(10, 96, 0, 96), (3, 32, 1, 32), (0, 20, 5, 20), (7, 9, 2, 11)])
 def test_p_above_is_fishers_exact_test(table):
-    from scipy.stats import fisher_exact   # scipy comes with scikit-image
+    from scipy.stats import fisher_exact  # scipy comes with scikit-image
 
     hits, n, floor_hits, floor_n = table
     _, expected = fisher_exact([[hits, n - hits], [floor_hits, floor_n - floor_hits]], alternative="greater")
@@ -50,6 +51,7 @@ def test_p_above_is_fishers_exact_test(table):
     assert p_above(1, 1, 0, 1) == 0.5   # one success, either group equally likely
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
     assert benchmark(["--out", str(out), "--quick", "--concepts", "two_tone_ring,striped_star"]) == 0
@@ -128,7 +130,7 @@ def test_pooled_counts_every_look_and_attribute_once():
 
 
 def test_autoencoder_ceiling_reads_reconstructed_renders():
-    from ldm.toy.benchmark import Bench
+    from ldm.toy.runner import Bench
 
     bench = Bench(seeds=1, steps=1)
     scenes = eval_scenes("striped_star")

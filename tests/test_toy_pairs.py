@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 
 from ldm.errors import PerfusionWarning
-from ldm.toy.benchmark import Bench
-from ldm.toy.pairs import main as pairs, one_named_scenes, seen
+from ldm.toy.pairs import main as pairs
+from ldm.toy.pairs import one_named_scenes, seen
+from ldm.toy.runner import Bench
 from ldm.toy.train_scorer import render_set
 from ldm.toy.world import CONCEPTS
 
@@ -31,6 +32,7 @@ def test_the_probe_sees_the_unnamed_concept_only_where_it_is_drawn(bench):
     assert seen(bench, drawn(requests), requests, 1, 0) == 1.0   # the named one, drawn
 
 
+@pytest.mark.slow
 def test_pair_study_quick(tmp_path, capsys):
     out = tmp_path / "pairs"
     with pytest.warns(PerfusionWarning, match="magenta_square.safetensors and .*polka_dot_square.safetensors: their i"):

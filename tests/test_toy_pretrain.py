@@ -2,14 +2,18 @@
 captions and its loading, frozen, into the LatentDiffusion, the localization loss, and a 1-step end-to-end run of `python -m ldm.toy.pretrain` whose weights load into the toy config."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.build import build_model, load_config
 from ldm.perfusion.covariance import load_covariance
 from ldm.toy.localized import LocalizedLatentDiffusion
-from ldm.toy.pretrain import main as pretrain_main, normalize_latent_scale
+from ldm.toy.pretrain import main as pretrain_main
+from ldm.toy.pretrain import normalize_latent_scale
 from ldm.util import instantiate_from_config
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow   # Lightning training runs
 
 
 def test_latent_scale_folding_is_exact():

@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader
 from ldm.data.personalized import PersonalizedDataset
 from ldm.errors import UserError
 from ldm.toy.dataset import ToyCaptionDataset
+from ldm.toy.drawing import render
 from ldm.toy.eval_scorer import _scenes, wrong_requests
-from ldm.toy.make_concepts import (TEMPLATES_FILE, concept_scenes, main as make_concepts, target_templates,
-                                   write_concepts)
+from ldm.toy.make_concepts import TEMPLATES_FILE, concept_scenes
+from ldm.toy.make_concepts import main as make_concepts
+from ldm.toy.make_concepts import target_templates, write_concepts
 from ldm.toy.scorer import REQUESTED, Scorer, attribute_accuracy
 from ldm.toy.train_scorer import degrade, render_set
 from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, HELD_OUT, POSITION_PHRASES, POSITIONS, SHAPES, Scene,
-                           SceneObject, caption, contains_concept, contains_held_out, held_out_prompts, held_out_scenes, render,
+                           SceneObject, caption, contains_concept, contains_held_out, held_out_prompts, held_out_scenes,
                            sample_scene)
 from ldm.util import instantiate_from_config
 
@@ -174,7 +176,7 @@ def test_narrow_sets_are_one_layout_and_one_caption_and_shipped_current(tmp_path
 
 
 def test_target_templates_vary_the_context_and_stay_out_of_the_benchmark():
-    from ldm.toy.benchmark import eval_scenes, templates
+    from ldm.toy.experiment import eval_scenes, templates
 
     made = target_templates()
     assert [line for line in TEMPLATES_FILE.read_text().splitlines() if not line.startswith("#")] == made
@@ -199,6 +201,7 @@ def test_dataset_batches_through_main_config():
     assert len(batch["caption"]) == 8 and all(isinstance(c, str) for c in batch["caption"])
 
 
+@pytest.mark.slow
 def test_main_trains_a_tiny_model_on_the_toy_world(tmp_path):
     from ldm import train as main
 
@@ -289,7 +292,7 @@ def test_scorer_file_errors(tmp_path):
 
 
 def test_generic_textures_render_two_colours_and_never_a_concept_look():
-    from ldm.toy.world import CONCEPT_TEXTURES, COLOURS, as_request, sample_textured
+    from ldm.toy.world import COLOURS, CONCEPT_TEXTURES, as_request, sample_textured
 
     obj = SceneObject("circle", None, "centre", texture=("stripes", "red", "green"), size=0.5)
     image, (mask,) = render(Scene((obj,), "black"))

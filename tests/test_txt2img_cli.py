@@ -12,8 +12,8 @@ from PIL import Image
 
 from ldm.build import load_config
 from ldm.perfusion.concepts import save_concept
-from tests.conftest import ROOT, TINY_V1
 from tests.concept_files import cli_config, concept_file, trained_concept
+from tests.conftest import ROOT, TINY_V1
 
 
 @pytest.fixture(scope="module")

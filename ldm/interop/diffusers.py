@@ -32,10 +32,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.perfusion.concepts import Concept, ConceptError
-from ldm.perfusion.covariance import load_covariance
 from ldm.errors import UserError
 from ldm.interop.diffusers_folder import text_encoder_names, unet_names
+from ldm.perfusion.concepts import Concept, ConceptError
+from ldm.perfusion.covariance import load_covariance
 from ldm.perfusion.edit import check_multi, gated_rank1_edit, needs_positions
 from ldm.util import fingerprint_tensors
 
@@ -171,9 +171,8 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     rule for several concepts, as `load_concepts` takes it. Everything is checked before the pipeline
     is changed: a refused list leaves it as it was.
     """
-    from ldm.perfusion.gate_settings import choose_gates
+    from ldm.perfusion.gate_settings import choose_gates, per_concept
     from ldm.perfusion.inference import check_independent, compare_fingerprints, read_concepts
-    from ldm.perfusion.gate_settings import per_concept
 
     if getattr(pipe, "_perfusion", None) is not None:
         raise UserError("this pipeline already has Perfusion concepts; remove_concepts(pipe) first")

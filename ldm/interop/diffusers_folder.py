@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import torch
 
 from ldm.errors import UserError
+from ldm.weights_file import read_weights_file
 
 _WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model", ),
@@ -97,18 +98,16 @@ def _read_json(file: Path) -> dict:
 
 def _read_part(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """One part's weights: `<stem>.safetensors`, its fp16 variant, a sharded index, or `<stem>.bin`."""
-    from ldm.checkpoint import read_state_dict
-
     for stem in stems:
         for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
             if (folder / name).is_file():
-                return read_state_dict(folder / name)
+                return read_weights_file(folder / name)
         for index in (f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"):
             if (folder / index).is_file():
                 shards = sorted(set(_read_json(folder / index).get("weight_map", {}).values()))
                 state: dict[str, torch.Tensor] = {}
                 for shard in shards:
-                    state.update(read_state_dict(folder / shard))
+                    state.update(read_weights_file(folder / shard))
                 return state
     raise DiffusersFolderError(f"{folder}: no weights found (expected {stems[0]}.safetensors or "
                                f"{stems[-1]}.bin, or a sharded .index.json)")

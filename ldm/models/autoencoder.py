@@ -81,7 +81,7 @@ class AutoencoderKL(pl.LightningModule):
         return loss
 
     @torch.no_grad()
-    def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
+    def log_images(self, batch, max_images: int = 8, sample=None) -> dict[str, torch.Tensor]:
         x = batch[self.image_key][:max_images]
         return {"inputs": (x + 1) / 2, "reconstructions": ((self(x, sample_posterior=False)[0] + 1) / 2).clamp(0, 1)}
 

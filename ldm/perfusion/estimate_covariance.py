@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
+from ldm.perfusion.covariance import (DEFAULT_RIDGE, TOKEN_RULES, accumulate, add_ridge, count_captions, eigen_report,
+                                      invert, save_covariance)
 from ldm.util import REPO_ROOT
-from ldm.perfusion.covariance import (
-    DEFAULT_RIDGE, TOKEN_RULES, accumulate, add_ridge, count_captions, eigen_report, invert, save_covariance,
-)
 
 DEFAULT_CAPTIONS = REPO_ROOT / "data" / "captions.txt"
 # Without --ckpt the encoder keeps random weights; that is only allowed for test-size encoders.

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 
-from ldm.perfusion.concepts import Concept, ConceptError, load_concept
 from ldm.errors import PerfusionWarning, UserError
-from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, placeholder_tokens
+from ldm.perfusion.concepts import Concept, ConceptError, load_concept
 from ldm.perfusion.edit import ConceptState, check_multi, superclass_keys
 from ldm.perfusion.gate_settings import GateSettings
+from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, placeholder_tokens
 
 FINGERPRINT_HINTS = {
     "unet": "another base checkpoint? pass the --ckpt it was trained from",

@@ -23,7 +23,6 @@ locking it; "embedding" learns only the word embedding with the edit off (textua
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,14 +31,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.perfusion.concepts import METHODS, Concept, ConceptError, save_concept
-from ldm.perfusion.covariance import load_covariance
 from ldm.data.templates import TEMPLATES, fill
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.perfusion.prompts import single_token_id, superclass_token_ids, word_pattern
-from ldm.perfusion.gate_settings import GateSettings
+from ldm.perfusion.concepts import METHODS, Concept, ConceptError, save_concept
+from ldm.perfusion.covariance import load_covariance
 from ldm.perfusion.edit import GATE_AT, ConceptBank, ConceptState, concept_gates, patch_cross_attention
+from ldm.perfusion.gate_settings import GateSettings
+from ldm.perfusion.prompts import single_token_id, superclass_token_ids, word_pattern
 from ldm.util import fingerprint_tensors, repo_path
 
 
@@ -419,21 +418,22 @@ class PerfusionLatentDiffusion(LatentDiffusion):
 
     # ----------------------------------------------------------------- logging
     @torch.no_grad()
-    def log_images(self, batch, max_images: int = 4) -> dict[str, torch.Tensor]:
-        from ldm.sample import generate
-
+    def log_images(self, batch, max_images: int = 4, sample=None) -> dict[str, torch.Tensor]:
+        """The batch's images (masked where masks are given) and, once the targets are set and with `sample`
+        (ldm.sample.generate, passed by the image logger), the validation prompts and where the concept
+        token attends."""
         images = (batch[self.first_stage_key][:max_images].float() + 1) / 2
         out = {"inputs": images}
         if batch.get("mask") is not None:
             mask = batch["mask"][:max_images].float()
             out["inputs_masked"] = images * (0.25 + 0.75 * mask)
-        if not bool(self.initialized):
+        if sample is None or not bool(self.initialized):
             return out
         self.ensure_covariance()
         with self.bank.use(self.training_state()):
             side = self.image_size * self.first_stage_model.downsample_factor
-            out["samples"] = generate(self, self.validation_prompts, steps=self.log_sample_steps,
-                                      scale=self.log_guidance_scale, height=side, width=side, seed=0)
+            out["samples"] = sample(self, self.validation_prompts, steps=self.log_sample_steps,
+                                    scale=self.log_guidance_scale, height=side, width=side, seed=0)
             out["concept_attention"] = self.attention_picture(self.validation_prompts[0], side)
         return out
 

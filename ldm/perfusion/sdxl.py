@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ldm.perfusion.model import PerfusionLatentDiffusion
 from ldm.models.diffusion.sdxl import SDXLLatentDiffusion
+from ldm.perfusion.model import PerfusionLatentDiffusion
 
 
 class PerfusionSDXL(PerfusionLatentDiffusion, SDXLLatentDiffusion):

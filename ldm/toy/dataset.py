@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.errors import UserError
-from ldm.toy.world import Scene, as_request, caption, render, sample_scene
+from ldm.toy.drawing import render
+from ldm.toy.world import Scene, as_request, caption, sample_scene
 
 SPLITS = ("train", "heldout")
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from ldm.errors import UserError
+from ldm.toy.drawing import render
 from ldm.toy.scorer import Scorer, attribute_accuracy
-from ldm.toy.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, SceneObject, caption, held_out_scenes, render
+from ldm.toy.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, SceneObject, caption, held_out_scenes
 from ldm.util import REPO_ROOT as ROOT
-
 
 
 def prompt_accuracy(model, scorer: Scorer, scenes: Sequence[Scene], steps: int = 30, scale: float = 4.0,

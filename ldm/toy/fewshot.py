@@ -3,8 +3,8 @@
 user's few photos look like, then drawn in the benchmark's new contexts; and the paper's ablations
 (Fig. 9) there, each a fidelity/alignment curve over beta with 95 % intervals.
 
-`ldm.toy.benchmark` trains the VARIANTS, measures the CURVES through its Bench and writes `lines`
-and `plot` into its report.
+The benchmark's runner (ldm.toy.runner) trains the VARIANTS and measures the curves through its Bench;
+its report (ldm.toy.report) writes `lines` and `plot`.
 """
 from __future__ import annotations
 

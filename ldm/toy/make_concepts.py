@@ -27,8 +27,9 @@ from PIL import Image
 
 from ldm.data.images import list_images
 from ldm.errors import UserError
-from ldm.toy.world import (BACKGROUNDS, CONCEPTS, PAIRED_POSITIONS, POSITIONS, Scene, SceneObject, WORLD_GEOMETRY,
-                           caption, render)
+from ldm.toy.drawing import render
+from ldm.toy.world import (BACKGROUNDS, CONCEPTS, PAIRED_POSITIONS, POSITIONS, WORLD_GEOMETRY, Scene, SceneObject,
+                           caption)
 from ldm.util import REPO_ROOT, atomic_path
 
 FORMAT, VERSION = "toy-concepts", 3

@@ -31,7 +31,8 @@ import torch
 from ldm.errors import UserError
 from ldm.evaluation.harness import concepts_loaded
 from ldm.perfusion.edit import MULTI
-from ldm.toy.benchmark import BETA, TAU, Bench, p_above, pair_scenes, templates
+from ldm.toy.experiment import BETA, TAU, p_above, pair_scenes, templates
+from ldm.toy.runner import Bench
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from ldm.util import REPO_ROOT as ROOT
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.util import REPO_ROOT as ROOT, atomic_path
-
+from ldm.util import REPO_ROOT as ROOT
+from ldm.util import atomic_path
 
 
 def save_weights(module: torch.nn.Module | dict, path: Path, dtype=torch.float16) -> Path:

@@ -23,11 +23,12 @@ from torch import nn
 from ldm.build import load_config
 from ldm.checkpoint import load_into
 from ldm.perfusion.covariance import estimate_covariance, first_eot, invert
-from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU
 from ldm.perfusion.edit import sim_probes
+from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU
 from ldm.toy.dataset import ToyCaptionDataset
 from ldm.toy.world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, caption
-from ldm.util import REPO_ROOT as ROOT, instantiate_from_config
+from ldm.util import REPO_ROOT as ROOT
+from ldm.util import instantiate_from_config
 
 # attribute -> number of classes; the last class of colour, second colour, pattern and position
 # is "not said" (the caption leaves it out, or a plain object has no second colour or pattern)

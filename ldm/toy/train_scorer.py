@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import UserError
+from ldm.toy.drawing import render
 from ldm.toy.scorer import SLOTS, Scorer, ScorerNet
-from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, LOOKS, SHAPES, Geometry, Scene, render,
-                           sample_object, sample_positions, sample_textured)
+from ldm.toy.world import (BACKGROUNDS, COLOURS, CONCEPTS, LOOKS, SHAPES, Geometry, Scene, sample_object,
+                           sample_positions, sample_textured)
 from ldm.util import REPO_ROOT
 
 SCORER_GEOMETRY = Geometry(size=(0.3, 0.45), jitter=0.065)
