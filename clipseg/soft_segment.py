@@ -11,10 +11,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from ldm.data.images import list_images, load_rgb
+from ldm.cli import parse_device
 from ldm.errors import UserError
 from ldm.util import REPO_ROOT, atomic_path
 
@@ -56,9 +57,42 @@ def check_unique_stems(images: list[Path]) -> None:
         seen[path.stem] = path
 
 
+MARK = "written-by"   # PNG text key on every mask and preview this command writes
+MARK_VALUE = "data/soft_segment.py"
+
+
+def _marked() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MARK, MARK_VALUE)
+    return info
+
+
 def save_mask(mask: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
-        Image.fromarray(mask).save(tmp, format="PNG")
+        Image.fromarray(mask).save(tmp, format="PNG", pnginfo=_marked())
+
+
+def is_ours(path: Path, size: tuple[int, int] | None = None) -> bool:
+    """Whether `path` is a file this command may keep or replace: a PNG it wrote (marked), or a one-channel
+    PNG of the image's `size` (a mask written before masks were marked)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and (im.text.get(MARK) == MARK_VALUE or (im.mode == "L" and im.size == size))
+    except (OSError, ValueError):
+        return False
+
+
+def check_outputs(images: list[Path], out_dir: Path) -> None:
+    """Refuse, before any work, a mask or preview path that holds a file this command did not write (another
+    folder's photos, say): it would be taken as a mask, or replaced."""
+    for image in images:
+        path = mask_path(out_dir, image)
+        if path.exists() and not is_ours(path, Image.open(image).size):
+            raise UserError(f"{path}: exists and is not a mask of {image.name} (not written by this command); "
+                            "choose another --out_dir")
+    preview = out_dir / PREVIEW_NAME
+    if preview.exists() and not is_ours(preview):
+        raise UserError(f"{preview}: exists and was not written by this command; choose another --out_dir")
 
 
 def write_preview(images: list[Path], out_dir: Path) -> Path:
@@ -73,14 +107,13 @@ def write_preview(images: list[Path], out_dir: Path) -> Path:
             items.append((path.name, load_rgb(path), np.asarray(m.convert("L"))))
     target = out_dir / PREVIEW_NAME
     with atomic_path(target) as tmp:
-        make_preview(items).save(tmp, format="PNG")
+        make_preview(items).save(tmp, format="PNG", pnginfo=_marked())
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
+    device = parse_device(args.device)   # checked before any work
     image_dir = Path(args.image_dir)
     out_dir = Path(args.out_dir) if args.out_dir else image_dir / "mask"
     images = list_images(image_dir)
@@ -91,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         raise UserError(f"{image_dir}: no images found (expected files such as .jpg, .png, .webp)")
     check_unique_stems(images)
+    check_outputs(images, out_dir)
     todo = [p for p in images if args.overwrite or not mask_path(out_dir, p).exists()]
     print(f"{len(images)} images in {image_dir}; {len(todo)} to segment, {len(images) - len(todo)} masks kept")
 
@@ -100,10 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         from clipseg import SoftMasker, load_clipseg
 
         hf_logging.disable_progress_bar()
-        try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as err:
-            raise UserError(f"--device {args.device!r} is not a torch device ({err})") from err
         model, processor = load_clipseg(args.model_weight, device=device)
         masker = SoftMasker(model, processor, args.super_class)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.utils import make_grid
@@ -26,6 +27,9 @@ from ldm.errors import UserError
 from ldm.outputs import save_png, to_pil
 from ldm.sample import generate
 from ldm.util import fingerprint_tensors
+
+# Ctrl-C, and SIGTERM as Lightning raises it: both save the concept and the resume checkpoint
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 
 
 class _EveryNSteps(Callback):
@@ -80,8 +84,8 @@ class ConceptCheckpoint(_EveryNSteps):
         self._save(trainer, pl_module, "last.safetensors")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning reports Ctrl-C here (trainer/call.py) before it exits with status 1.
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        # Lightning reports Ctrl-C (and SIGTERM, what `kill` and cluster pre-emption send) here before it exits.
+        if isinstance(exception, INTERRUPTS) and trainer.global_step > 0:
             self._save(trainer, pl_module, "last.safetensors")
             if hasattr(pl_module, "save_concept"):
                 rank_zero_info(f"interrupted at step {trainer.global_step}: concept saved to "
@@ -114,7 +118,7 @@ class ResumeCheckpoint(_EveryNSteps):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Saving is a collective call; after Ctrl-C in a multi-process run other ranks may be gone.
-        if (self.every_n_steps and isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
+        if (self.every_n_steps and isinstance(exception, INTERRUPTS) and trainer.world_size == 1
                 and trainer.global_step not in (0, self._last_step)):
             self._save(trainer)
 

@@ -42,3 +42,25 @@ def run_cli(main: Callable[[], int]) -> None:
     finally:
         warnings.showwarning = show
     sys.exit(code or 0)
+
+
+def parse_device(text: str | None, flag: str = "--device"):
+    """A torch device from a flag (None: cuda if present, else cpu), refused on one line when it is not a
+    device or not on this machine; checked before any work."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"{flag} {text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag} {text!r}: expected cpu, cuda[:N] or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {text}: no CUDA GPU is available here; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {text}: no Apple GPU (MPS) is available in this PyTorch; use {flag} cpu")
+    return device

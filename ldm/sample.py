@@ -29,12 +29,18 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def latent_shape(model, n: int, height: int, width: int) -> tuple[int, int, int, int]:
-    factor = model.first_stage_model.downsample_factor
+    """(n, C, h, w) of the latents of n images of height x width: both multiples of the autoencoder's
+    factor times the U-Net's downsampling (8 x 8 = 64 px for SD 1.x/2.x, 8 x 4 = 32 for SDXL), checked
+    before any work."""
+    factor = model.first_stage_model.downsample_factor * 2 ** (model.model.diffusion_model.num_levels - 1)
     for flag, value in (("--H", height), ("--W", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < factor:
             raise UserError(f"{flag} (height/width) must be a whole number of pixels >= {factor}, got {value!r}")
     if height % factor or width % factor:
-        raise UserError(f"--H {height} and --W {width} must be multiples of the autoencoder's factor {factor}")
+        raise UserError(f"--H {height} and --W {width} must be multiples of {factor} (the autoencoder's factor "
+                        f"times the U-Net's downsampling), e.g. {height // factor * factor or factor} x "
+                        f"{width // factor * factor or factor}")
+    factor = model.first_stage_model.downsample_factor
     return (n, model.channels, height // factor, width // factor)
 
 

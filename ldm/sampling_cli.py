@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli import parse_device
 from ldm.errors import UserError
 
 DEFAULT_SCALE = 6.0
+MAX_PIXELS = 4096 * 4096
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, outdir: str, batches: bool = True) -> None:
@@ -36,6 +38,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, outdir: str, batches: bool = 
         p.add_argument("--fixed_code", action="store_true", help="every batch starts from the same noise (from --seed)")
         p.add_argument("--skip_grid", action="store_true", help="write the samples only, no grid per prompt")
         p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
+                   help="the largest --H x --W accepted (a guard against typos; raise it where memory allows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--outdir", "--out", dest="outdir", default=outdir, help="output folder")
 
@@ -55,16 +59,13 @@ def check_sampling_flags(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+    pixels = (args.H or 1) * (args.W or 1)
+    if pixels > args.max_pixels:
+        raise UserError(f"--H {args.H} x --W {args.W} is {pixels:,} pixels, over --max_pixels {args.max_pixels:,} "
+                        "(a typo?); pass a larger --max_pixels where the machine has the memory")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {args.device!r}: expected cpu, cuda[:N] or mps")
+    parse_device(args.device)
 
 
 def read_prompts(args, default: str | None = None) -> list[str]:

@@ -221,3 +221,23 @@ def test_eigen_report_and_singular_matrix():
         invert(torch.diag(torch.tensor([1.0, 1e-13], dtype=torch.float64)))
     expected = torch.diag(torch.tensor([1 / 1.25, 1 / 0.25], dtype=torch.float64))  # ridge 0.5 * mean eig 0.5
     torch.testing.assert_close(invert(add_ridge(singular, 0.5)[0]), expected)
+
+
+def test_out_that_is_not_a_covariance_is_never_replaced(tmp_path, tiny):
+    """--out naming a trained concept or a photo is refused before any work; a covariance is replaced."""
+    name, _ = tiny
+    args = ["--config", str(TINY[name]), "--max_captions", "20", "--device", "cpu"]
+    for victim, data in (("concept.safetensors", None), ("photo.jpg", b"\xff\xd8\xff\xe0 a JPEG")):
+        path = tmp_path / victim
+        if data is None:
+            from safetensors.torch import save_file
+            save_file({"embedding": torch.zeros(4)}, str(path), metadata={"format": "perfusion-concept"})
+        else:
+            path.write_bytes(data)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=f"--out {path}: exists and is not a covariance file"):
+            est.main(args + ["--out", str(path)])
+        assert path.read_bytes() == before
+    out = tmp_path / "cov.safetensors"
+    assert est.main(args + ["--out", str(out)]) == 0 and est.main(args + ["--out", str(out), "--ridge", "1e-2"]) == 0
+    assert load_covariance(out)[2]["ridge"] == "0.01"

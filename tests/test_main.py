@@ -303,6 +303,31 @@ def test_ctrl_c_saves_the_concept_and_a_resume_checkpoint(first_run, tmp_path):
     assert ckpt["global_step"] == 3 and torch.equal(ckpt["state_dict"]["embedding"], ctrl_c.concept["embedding"])
 
 
+class SigTerm(CtrlC):
+    """Sends this process SIGTERM (what `kill` and cluster pre-emption send) at optimizer step `at_step`."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step and self.concept is None:
+            self.concept = {k: v.clone() for k, v in pl_module.concept().tensors().items()}
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_like_ctrl_c(first_run, tmp_path):
+    sigterm = SigTerm(at_step=3)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: run_main(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir",
+                                      str(tmp_path), "lightning.trainer.max_steps=10"], extra_callbacks=[sigterm]))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert exit_info.value.code == 130
+    (run_dir,) = tmp_path.iterdir()
+    saved = load_concept(run_dir / "concepts" / "last.safetensors")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] in (3, 4) and saved.tensors().keys() == sigterm.concept.keys()
+
+
 def test_without_train_flag_only_checks(first_run, tmp_path):
     trainer, stdout = run_main(["--base", str(PERFUSION), str(first_run.config), "--logdir", str(tmp_path / "logs")])
     assert trainer is None and "nothing trained" in stdout and "2 items" in stdout

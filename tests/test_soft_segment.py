@@ -76,6 +76,25 @@ def test_second_run_keeps_everything_and_overwrite_recomputes(image_dir, model_d
     assert all(after[n][1] == before[n][1] for n in before if n != "preview.png")     # ... identically
 
 
+def test_out_dir_of_other_photos_is_never_taken_or_replaced(image_dir, model_dir, tmp_path):
+    """--out_dir naming a folder of other photos whose names match: refused before any work, with or
+    without --overwrite, and every photo there left as it was; the same for a foreign preview.png."""
+    other = tmp_path / "holiday"
+    other.mkdir()
+    for stem, picture in (("cat", skdata.astronaut()), ("cup", skdata.chelsea())):
+        Image.fromarray(picture).save(other / f"{stem}.png")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(ValueError, match=r"holiday/cat.png: exists and is not a mask of cat.jpg"):
+            run(image_dir, model_dir, "--out_dir", str(other), *extra)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    for path in other.iterdir():
+        path.unlink()
+    Image.fromarray(skdata.coffee()).save(other / "preview.png")
+    with pytest.raises(ValueError, match="preview.png: exists and was not written by this command"):
+        run(image_dir, model_dir, "--out_dir", str(other), "--overwrite")
+
+
 def test_ensemble_equals_model_forward_averaged_over_templates(model_dir):
     model, processor = load_clipseg(model_dir)
     images = [Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())]
@@ -140,6 +159,8 @@ def test_clear_errors(tmp_path, image_dir, model_dir):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="--out_dir .*a-file is a file"):
         run(image_dir, model_dir, "--out_dir", str(tmp_path / "a-file"))
+    with pytest.raises(ValueError, match="--device mps: no Apple GPU"):   # run() passes --device cpu; the last wins
+        soft_segment.main(["--image_dir", str(image_dir), "--super_class", "cat", "--device", "mps"])
     not_clipseg = tmp_path / "other-model"
     not_clipseg.mkdir()
     (not_clipseg / "config.json").write_text('{"model_type": "bert"}')

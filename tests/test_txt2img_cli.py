@@ -170,6 +170,9 @@ def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expe
     (["--device", "banana"], "--device 'banana' is not a device"),
     (["--sampler", "euler", "--ddim_eta", "0.5"], "--ddim_eta 0.5: only --sampler ddim has an eta"),
     (["--n_iter", "0"], "--n_iter must be at least 1"),
+    (["--device", "mps"], "--device mps: no Apple GPU (MPS) is available"),
+    (["--H", "18"], "--H 18 and --W 32 must be multiples of 4 (the autoencoder's factor times the U-Net's"),
+    (["--H", "200000", "--W", "200000"], "over --max_pixels 16,777,216 (a typo?); pass a larger --max_pixels"),
     (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
     (["--from-file", "IMAGE"], "not a UTF-8 text file"),
 ])

@@ -257,6 +257,17 @@ def save_covariance(path: str | Path, c: torch.Tensor, metadata: Mapping[str, ob
     return path
 
 
+def is_covariance_file(path: str | Path) -> bool:
+    """Whether `path` is a file `save_covariance` wrote (its metadata says so; nothing else is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def load_covariance(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(C, C^-1, metadata) from a file written by `save_covariance`; CovarianceError names the file."""

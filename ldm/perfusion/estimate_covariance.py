@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli import parse_device
 from ldm.errors import UserError
 from ldm.perfusion.covariance import (DEFAULT_RIDGE, TOKEN_RULES, accumulate, add_ridge, count_captions, eigen_report,
-                                      invert, save_covariance)
+                                      invert, is_covariance_file, save_covariance)
 from ldm.util import REPO_ROOT
 
 DEFAULT_CAPTIONS = REPO_ROOT / "data" / "captions.txt"
@@ -86,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):   # checked before the long work
         raise UserError(f"--out {out}: expected a file path (e.g. ckpt/covariance-sd-v1.safetensors), "
                         f"{'it is a folder' if out.is_dir() else f'{out.parent} is not a folder'}")
+    if out.exists() and not is_covariance_file(out):   # a covariance may be replaced, nothing else
+        raise UserError(f"--out {out}: exists and is not a covariance file; it would be replaced (choose another "
+                        "path, or delete it first)")
     n_captions = count_captions(args.captions, args.max_captions)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise UserError(f"--device {args.device!r} is not a torch device ({err})") from err
+    device = parse_device(args.device)
     encoder = build_text_encoder(args.config, args.ckpt, args.seed).to(device)
     fingerprint = encoder.fingerprint()
 
