@@ -92,7 +92,8 @@ def numbers(text: str | None, flag: str, n: int | None = None) -> list[float] | 
     if text is None:
         return None
     values = parse_numbers(text, flag)
-    return values if n is None else per_concept(values, n, flag[2:])
+    name = "tau" if "tau" in flag else "beta"
+    return list(per_concept(values, len(values) if n is None else n, name, flag))
 
 
 def main(argv=None) -> int:
@@ -111,11 +112,23 @@ def main(argv=None) -> int:
         raise UserError("--seeds, --batch and --max_prompts must be at least 1")
     if args.write_recommendation and not args.beta_sweep:
         raise UserError("--write_recommendation needs --beta_sweep: the recommendation is chosen on the sweep")
+    if args.tau_sweep and not args.beta_sweep:
+        raise UserError("--tau_sweep needs --beta_sweep: it names the taus the beta sweep crosses")
+    if not 0 < args.fraction <= 1:   # a nan fails this too
+        raise UserError(f"--fraction {args.fraction}: must be in (0, 1], the share of the baseline's CLIP-T to keep")
     templates = read_templates(args.prompts, "--prompts")[:args.max_prompts]
+    unnamed = [t for t in templates if "{}" not in t]
+    if unnamed:
+        raise UserError(f"--prompts {args.prompts}: template {unnamed[0]!r} does not name the concept with {{}}")
     pair_templates = read_templates(args.pair_prompts, "--pair_prompts") if len(files) > 1 else []
+    for template in pair_templates:
+        missing = [n for n in range(1, len(files) + 1) if f"{{{n}}}" not in template]
+        if missing:
+            raise UserError(f"--pair_prompts {args.pair_prompts}: template {template!r} does not name concept "
+                            f"{{{missing[0]}}}; each names all {len(files)} concepts ({{1}}, {{2}}, ...)")
     concepts = [load_concept(f) for f in files]
     betas, taus, _ = choose_gates(concepts, numbers(args.beta, "--beta", len(files)),
-                                  numbers(args.tau, "--tau", len(files)))
+                                  numbers(args.tau, "--tau", len(files)), names=files)
     gates = list(zip(betas, taus))
     sweep_taus = sorted(set(numbers(args.tau_sweep, "--tau_sweep") if args.tau_sweep else taus))
     settings = [(b, t) for t in sweep_taus for b in parse_sweep(args.beta_sweep)] if args.beta_sweep else []

@@ -71,8 +71,8 @@ def check_args(args):
     n = len(paths)
     if n > len(PLACEHOLDER_TOKENS):
         raise UserError(f"{n} concepts given; at most {len(PLACEHOLDER_TOKENS)} can be loaded at once")
-    betas = per_concept(parse_numbers(args.beta, "--beta"), n, "beta") if args.beta else None
-    taus = per_concept(parse_numbers(args.tau, "--tau"), n, "tau") if args.tau else None
+    betas = per_concept(parse_numbers(args.beta, "--beta"), n, "beta", "--beta") if args.beta else None
+    taus = per_concept(parse_numbers(args.tau, "--tau"), n, "tau", "--tau") if args.tau else None
     sweep = parse_sweep(args.beta_sweep) if args.beta_sweep else None
     check_sampling_flags(args)
     prompts = read_prompts(args)
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     paths, betas, taus, sweep, prompts = check_args(args)
     concepts = [load_concept(p) for p in paths]
-    betas, taus, sources = choose_gates(concepts, betas, taus, args.global_locking)
+    betas, taus, sources = choose_gates(concepts, betas, taus, args.global_locking, paths)
     for path, concept, origin in zip(paths, concepts, sources):
         if "recommendation" in origin.values():
             print(f"{path}: " + ", ".join(f"{k} from its stored recommendation" for k, v in origin.items()
                                           if v == "recommendation")
-                  + f" ({recommended_gates(concept)['rule']})", file=sys.stderr)
+                  + f" ({recommended_gates(concept, path)['rule']})", file=sys.stderr)
     model, ckpt, weights_seed = build_perfusion(args.config, args.ckpt, args.use_ema, args.device)
     loaded = load_concepts(model, concepts, betas, taus, args.global_locking, args.multi, names=paths,
                            gate_at=args.gate_at)

@@ -16,7 +16,7 @@ from ldm.evaluation.harness import recommend
 from ldm.evaluation.metrics import ClipMetric, DinoMetric, preprocess
 from ldm.evaluation.tiny import write_tiny_metric_models
 from ldm.perfusion.gate_settings import recommended_gates, write_recommendation
-from tests.concept_files import cli_config, concept_file
+from tests.concept_files import cli_config, concept_file, trained_concept
 from tests.conftest import ROOT
 
 
@@ -177,6 +177,13 @@ def test_evaluate_concept_end_to_end_and_the_stored_recommendation(scripts, metr
     ({"--prompts": "nothing.txt"}, "--prompts nothing.txt: no such file"),
     ({"--images": "a,b"}, "--images names 2 folder(s) for 1 concept(s)"),
     ({"--write_recommendation": None}, "--write_recommendation needs --beta_sweep"),
+    ({"--tau_sweep": "0.1"}, "--tau_sweep needs --beta_sweep"),
+    ({"--fraction": "nan"}, "--fraction nan: must be in (0, 1]"),
+    ({"--prompts": "NOSLOT"}, "template 'a photo of a cat' does not name the concept with {}"),
+    ({"--beta_sweep": "nan:1:3"}, "--beta_sweep 'nan:1:3': START and STOP must be finite numbers"),
+    ({"--beta_sweep": "0.3:0.9:1000000"}, "COUNT must be from 2 to 1000"),
+    ({"--beta_sweep": "0.3:0.9:3", "--tau_sweep": "0.1,0"}, "--tau_sweep must be > 0"),
+    ({"--tau": "1e-300"}, "--tau must be > 0 (it divides the gate's input; at least 1.2e-38"),
 ])
 def test_bad_input_is_one_line(scripts, metric_files, training_images, tmp_path, capsys, change, expected):
     from ldm.cli import run_cli
@@ -185,8 +192,23 @@ def test_bad_input_is_one_line(scripts, metric_files, training_images, tmp_path,
     args = {"--config": str(cli_config()), "--concepts": str(concept_file("cat", 0)), "--images": str(training_images),
             "--clip_model": str(clip_config), "--clip_ckpt": str(clip_ckpt), "--dino": str(dino),
             "--out": str(tmp_path / "eval"), "--device": "cpu", **change}
+    if args.get("--prompts") == "NOSLOT":
+        args["--prompts"] = str(tmp_path / "noslot.txt")
+        (tmp_path / "noslot.txt").write_text("a photo of a cat\n")
     argv = [x for k, v in args.items() for x in ([k] if v is None else [k, v])]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: scripts["evaluate_concept"].main(argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("stored", ['{"beta": true, "tau": true}', '{"beta": 0.6}', '{"beta": 0.6, "tau": 0}',
+                                    '{"beta": 1e999, "tau": 0.1}', '[0.7, 0.15]', 'null', '{beta: 0.7'])
+def test_a_tampered_recommendation_names_the_concept_file(stored):
+    from dataclasses import replace
+
+    from ldm.perfusion.gate_settings import RECOMMENDATION, choose_gates
+
+    concept = replace(trained_concept("cat", 0), extra={RECOMMENDATION: stored})
+    with pytest.raises(ValueError, match=r"teddy.safetensors: its stored recommendation .* is not \{\"beta\": a number"):
+        choose_gates([concept], None, None, names=["teddy.safetensors"])

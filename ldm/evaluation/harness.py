@@ -7,6 +7,7 @@ nor the other prompts of a run change it.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ import torch
 
 from ldm.errors import UserError
 
+MAX_SWEEP = 1000
 DEFAULT_FRACTION = 0.95   # the recommended setting keeps this share of the baseline's alignment
 
 
@@ -94,6 +96,9 @@ def parse_sweep(text: str, flag: str = "--beta_sweep") -> list[float]:
         start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
     except ValueError:
         raise UserError(f"{flag} {text!r} must be START:STOP:COUNT, e.g. 0.3:0.9:7") from None
-    if count < 2:
-        raise UserError(f"{flag} {text!r}: COUNT must be at least 2")
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise UserError(f"{flag} {text!r}: START and STOP must be finite numbers")
+    if not 2 <= count <= MAX_SWEEP:
+        raise UserError(f"{flag} {text!r}: COUNT must be from 2 to {MAX_SWEEP} (each value renders every image "
+                        "again); sweep in parts for more")
     return [round(v, 6) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist()]

@@ -190,7 +190,7 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
         raise UserError("only Perfusion concepts with locked keys (method 'perfusion') go into a pipeline")
     betas = None if betas is None else per_concept(betas, n, "beta")
     taus = None if taus is None else per_concept(taus, n, "tau")
-    betas, taus, _ = choose_gates(concepts, betas, taus)
+    betas, taus, _ = choose_gates(concepts, betas, taus, names=names)
 
     C, C_inv, _ = load_covariance(covariance)
     compare_fingerprints(pipeline_fingerprints(pipe) | {"covariance": fingerprint_tensors({"C": C})}, concepts, names,

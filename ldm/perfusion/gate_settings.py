@@ -16,9 +16,14 @@ DEFAULT_BETA = {False: 0.7, True: 0.5}   # public defaults: local key-locking 0.
 DEFAULT_TAU = 0.15
 
 
-def per_concept(value, n: int, name: str) -> tuple[float, ...]:
+FLOAT32_TINY = 1.2e-38   # the smallest normal float32: a tau below it becomes 0 in the edit
+
+
+def per_concept(value, n: int, name: str, flag: str | None = None) -> tuple[float, ...]:
     """`name` ("beta" or "tau") for `n` concepts: one number for all, or one per concept; finite, and
-    tau > 0. A float, an int, a list, a NumPy number or array, or a tensor."""
+    tau > 0 (and above float32's smallest number). A float, an int, a list, a NumPy number or array, or
+    a tensor. Errors name `flag` (the command-line flag) when given, else `name`."""
+    label = flag or name
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().reshape(-1).tolist()
     elif hasattr(value, "tolist"):   # a NumPy number or array
@@ -26,14 +31,15 @@ def per_concept(value, n: int, name: str) -> tuple[float, ...]:
     values = [value] if isinstance(value, (int, float)) else value
     if isinstance(value, (str, bytes, bool)) or not isinstance(values, Sequence) or \
             not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise UserError(f"{name} must be a number or a list of numbers (one per concept), got {value!r}")
+        raise UserError(f"{label} must be a number or a list of numbers (one per concept), got {value!r}")
     values = [float(v) for v in values] * (n if len(values) == 1 else 1)
     if len(values) != n:
-        raise UserError(f"{name} has {len(values)} values for {n} concepts; give one value or one per concept")
+        raise UserError(f"{label} has {len(values)} values for {n} concepts; give one value or one per concept")
     if not all(math.isfinite(v) for v in values):
-        raise UserError(f"{name} values must be finite numbers, got {values}")
-    if name == "tau" and min(values) <= 0:
-        raise UserError(f"tau must be > 0 (it divides the gate's input), got {values}")
+        raise UserError(f"{label} values must be finite numbers, got {values}")
+    if name == "tau" and min(values) < FLOAT32_TINY:
+        raise UserError(f"{label} must be > 0 (it divides the gate's input; at least {FLOAT32_TINY:g}, the smallest "
+                        f"float32), got {values}")
     return tuple(values)
 
 
@@ -70,27 +76,30 @@ def write_recommendation(path: str | Path, point: dict, rule: str) -> Path:
     return save_concept(path, replace(concept, extra={**concept.extra, RECOMMENDATION: json.dumps(entry)}))
 
 
-def recommended_gates(concept) -> dict | None:
-    """{"beta", "tau", "rule"} stored by `write_recommendation`, or None."""
+def recommended_gates(concept, name: str = "the concept") -> dict | None:
+    """{"beta", "tau", "rule"} stored by `write_recommendation`, or None; `name` (its file) names it in errors."""
     text = concept.extra.get(RECOMMENDATION)
     if text is None:
         return None
     try:
         entry = json.loads(text)
-        beta, tau = float(entry["beta"]), float(entry["tau"])
+        beta, tau = entry["beta"], entry["tau"]
+        per_concept(beta, 1, "beta"), per_concept(tau, 1, "tau")
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"the concept's stored recommendation is not readable: {text!r}") from None
-    return {"beta": beta, "tau": tau, "rule": str(entry.get("rule", ""))}
+        raise UserError(f"{name}: its stored recommendation {text!r} is not {{\"beta\": a number, \"tau\": a number > 0}}; "
+                        "store a new one with scripts/evaluate_concept.py --write_recommendation") from None
+    return {"beta": float(beta), "tau": float(tau), "rule": str(entry.get("rule", ""))}
 
 
 def choose_gates(concepts: Sequence, betas: Sequence[float] | None, taus: Sequence[float] | None,
-                 global_locking: bool = False) -> tuple[list[float], list[float], list[dict]]:
+                 global_locking: bool = False, names: Sequence[str] | None = None
+                 ) -> tuple[list[float], list[float], list[dict]]:
     """beta/tau not given (None) come from each concept's stored recommendation (measured with
     local key-locking, so not used with global locking), else the defaults. Returns the betas,
     the taus and, per concept, where each came from ("given", "recommendation" or "default")."""
     out_betas, out_taus, origins = [], [], []
     for n, concept in enumerate(concepts):
-        stored = None if global_locking else recommended_gates(concept)
+        stored = None if global_locking else recommended_gates(concept, names[n] if names else f"concept {n + 1}")
         fallback = stored or {"beta": DEFAULT_BETA[global_locking], "tau": DEFAULT_TAU}
         origin = {k: "given" if given else "recommendation" if stored else "default"
                   for k, given in (("beta", betas), ("tau", taus))}
