@@ -66,6 +66,10 @@ def check_sampling_flags(args) -> None:
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
     parse_device(args.device)
+    out = Path(args.outdir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--outdir {out}: {'it' if blocking == out else blocking} is a file; expected a folder")
 
 
 def read_prompts(args, default: str | None = None) -> list[str]:

@@ -124,6 +124,19 @@ def check_resume_overrides(saved, config) -> None:
                               "(start a new run instead)")
 
 
+MAX_NAME = 120   # with the time prefix and a counter, under the 255 bytes a file name may have
+
+
+def check_run_name(name: str) -> str:
+    """--name is the run folder's suffix: one plain name, not a path."""
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"--name {name!r}: a plain name for the run folder, without '/' or '\\' "
+                          "(runs go under --logdir)")
+    if len(name.encode()) > MAX_NAME:
+        raise ConfigError(f"--name is {len(name.encode())} bytes; at most {MAX_NAME} fit a folder name with the time")
+    return name
+
+
 def new_run_dir(logdir: str, name: str, now: str, create: bool) -> Path:
     """`<logdir>/<now>_<name>`, with `_1`, `_2`, ... when taken. With `create` the folder is made here,
     exclusively: two runs started in the same second never share one."""
@@ -274,7 +287,7 @@ def run(argv: list[str] | None = None, extra_callbacks: Sequence = ()):
         if not args.base:
             raise ConfigError("no config given: pass --base CONFIG.yaml [...] or --resume RUN_DIR")
         config = load_config(args.base, args.overrides)
-        name = args.name or Path(args.base[-1]).stem
+        name = check_run_name(args.name) if args.name else Path(args.base[-1]).stem
         run_dir = None
 
     seed = args.seed if args.seed is not None else config.get("lightning", {}).get("seed", 23)

@@ -456,11 +456,14 @@ def cli_error(argv, capsys) -> str:
     (["data.params.colour=red"], "data: cannot build"),
     (["model.params.colour=red"], "model: cannot build"),
     (["model.params.placeholder=two words"], "'two words' is 2 CLIP tokens"),
+    (["--name", "../../escaped"], "--name '../../escaped': a plain name for the run folder"),
+    (["--name", "a/b"], "--name 'a/b': a plain name"),
+    (["--name", "n" * 300], "--name is 300 bytes; at most 120"),
 ])
 def test_bad_overrides_give_one_line_errors(first_run, extra, message, capsys, tmp_path):
     err = cli_error(["--base", str(PERFUSION), str(first_run.config), "-t", "--logdir", str(tmp_path), *extra], capsys)
     assert message in err
-    assert not any(tmp_path.iterdir())  # no run directory for a run that could not start
+    assert not any(tmp_path.iterdir()) and not any(tmp_path.parent.glob("escaped*"))  # no run directory anywhere
 
 
 def test_bad_resume_paths(tmp_path, capsys):

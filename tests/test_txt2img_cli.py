@@ -171,6 +171,7 @@ def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expe
     (["--sampler", "euler", "--ddim_eta", "0.5"], "--ddim_eta 0.5: only --sampler ddim has an eta"),
     (["--n_iter", "0"], "--n_iter must be at least 1"),
     (["--device", "mps"], "--device mps: no Apple GPU (MPS) is available"),
+    (["--outdir", "FILE/sub"], "is a file; expected a folder"),
     (["--H", "18"], "--H 18 and --W 32 must be multiples of 4 (the autoencoder's factor times the U-Net's"),
     (["--H", "200000", "--W", "200000"], "over --max_pixels 16,777,216 (a typo?); pass a larger --max_pixels"),
     (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
@@ -183,6 +184,8 @@ def test_bad_sampling_flags_name_the_flag(script, capsys, files, tmp_path, flags
         image = tmp_path / "image.jpg"
         Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
         flags = [str(image) if f == "IMAGE" else f for f in flags]
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
     argv = ["--config", files["config"], "--personalized_ckpt", files["cat"], "--outdir", tmp_path / "out", *FAST, *flags]
     if "--from-file" not in flags:
         argv += ["--prompt", "a {}"]
