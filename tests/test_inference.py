@@ -414,3 +414,25 @@ def test_joint_rule_warns_for_concepts_this_alike(model, cat, dog):
         load_concepts(model, [cat, twin], 0.7, 0.15)
         load_concepts(model, [cat, dog], 0.7, 0.15, multi="joint")   # well-conditioned: no warning
     unload_concepts(model)
+
+
+def test_prompts_must_be_prepared_for_the_loaded_concepts(model, cat, dog):
+    """A template still holding {} and a prompt prepared for concepts since replaced are refused, by
+    generate and by the gate table alike; a prompt stays valid across set_gates."""
+    from ldm.perfusion.gates import gate_tables
+
+    tokenizer = model.cond_stage_model.tokenizer
+    loaded = load_concepts(model, [cat], 0.7, 0.15)
+    with pytest.raises(ValueError, match=r"still names concepts with \{\}: pass it through prepare_prompt"):
+        generate(model, ["a photo of a {}"], **SAMPLE)
+    with pytest.raises(ValueError, match="still names concepts"):
+        gate_tables(model, ["a photo of a {1}"])
+    prompt = prepare_prompt(tokenizer, "a photo of a {}", loaded)
+    set_gates(model, loaded, 0.6, 0.15)
+    assert generate(model, [prompt], **SAMPLE).shape == (1, 3, 32, 32)
+    load_concepts(model, [dog], 0.7, 0.15)   # the same placeholder word "sks", another concept
+    with pytest.raises(ValueError, match="was prepared for concepts that are no longer loaded"):
+        generate(model, [prompt], **SAMPLE)
+    with pytest.raises(ValueError, match="was prepared for concepts that are no longer loaded"):
+        gate_tables(model, [prompt])
+    unload_concepts(model)

@@ -18,6 +18,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.perfusion.edit import rule_gates, shared_tokens
+from ldm.perfusion.prompts import check_prepared
 
 
 @dataclass
@@ -63,6 +64,8 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     if not bank.active:
         raise UserError("no Perfusion concept is active (textual-inversion concepts have no gate)")
     model.ensure_covariance()
+    if model.placeholder_rows:   # concepts loaded for sampling (not the one being trained)
+        check_prepared(prompts, bank.state)
     encoder = model.cond_stage_model
     rows = model.concept_rows()
     tokens = encoder.tokenize(list(prompts)).to(model.device)

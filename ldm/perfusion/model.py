@@ -38,7 +38,7 @@ from ldm.perfusion.concepts import METHODS, Concept, ConceptError, save_concept
 from ldm.perfusion.covariance import load_covariance
 from ldm.perfusion.edit import GATE_AT, ConceptBank, ConceptState, concept_gates, patch_cross_attention
 from ldm.perfusion.gate_settings import GateSettings
-from ldm.perfusion.prompts import single_token_id, superclass_token_ids, word_pattern
+from ldm.perfusion.prompts import check_prepared, single_token_id, superclass_token_ids, word_pattern
 from ldm.util import fingerprint_tensors, repo_path
 
 
@@ -185,6 +185,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
                     raise UserError(f"prompt {named[0]!r} names {word!r}, a concept that was unloaded; "
                                     "load the concepts again")
             return super().get_learned_conditioning(prompts)
+        check_prepared(prompts, self.bank.state)
         tokens = encoder.tokenize(list(prompts))
         encodings = encoder.encode_embeddings(tokens, self.embed_tokens(tokens, self.placeholder_rows))
         if not self.bank.active:   # textual inversion: plain projections

@@ -67,7 +67,12 @@ def format_prompt(template: str, tokens: Sequence[str]) -> str:
     return _SLOT.sub(lambda m: tokens[int(m.group(1) or 1) - 1], template)
 
 
-def prepare_prompt(tokenizer, template: str, loaded) -> str:
+class PreparedPrompt(str):
+    """A prompt made by `prepare_prompt` (a str), remembering the concepts it was made for."""
+    loaded = None
+
+
+def prepare_prompt(tokenizer, template: str, loaded) -> PreparedPrompt:
     """`format_prompt`, then check that each placeholder reaches the text encoder as a token of its own
     (and within the `tokenizer.max_length - 2` tokens it keeps between start and end)."""
     if not isinstance(template, str):
@@ -84,4 +89,19 @@ def prepare_prompt(tokenizer, template: str, loaded) -> str:
         if ids[:max_tokens].count(token_id) != wanted:
             raise UserError(f"prompt {template!r} is {len(ids)} tokens; placeholder {{{n}}} falls beyond the text "
                              f"encoder's limit of {max_tokens}")
-    return prompt
+    prepared = PreparedPrompt(prompt)
+    prepared.loaded = loaded
+    return prepared
+
+
+def check_prepared(prompts: Sequence[str], state) -> None:
+    """Refuse a prompt that still has `{}` slots, or that was prepared for concepts other than those of
+    `state` (the bank's ConceptState; the placeholder words are reused by every load)."""
+    for prompt in prompts:
+        if _SLOT.search(prompt):
+            raise UserError(f"prompt {prompt!r} still names concepts with {{}}: pass it through "
+                            "prepare_prompt(tokenizer, template, loaded) first")
+        loaded = getattr(prompt, "loaded", None)
+        if loaded is not None and loaded.state is not state:
+            raise UserError(f"prompt {prompt!r} was prepared for concepts that are no longer loaded (replaced by "
+                            "another load_concepts, or unloaded); prepare it again for the loaded ones")
