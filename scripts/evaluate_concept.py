@@ -137,8 +137,10 @@ def main(argv=None) -> int:
                   DinoMetric(args.dino, args.device) if args.dino else None)
 
     from ldm.build import build_perfusion
+    from ldm.perfusion.inference import check_concepts
 
     model, ckpt, _ = build_perfusion(args.config, args.ckpt, device=args.device)
+    check_concepts(model, concepts, files)   # before any sampling
     side = model.image_size * model.first_stage_model.downsample_factor
     sampling = Sampling(args.steps, args.scale, args.sampler, args.H or side, args.W or side, args.batch, progress=True)
     seeds = list(range(args.seed, args.seed + args.seeds))

@@ -230,3 +230,16 @@ def test_a_refused_concept_list_leaves_the_pipeline_as_it_was(folders, concept_r
     assert pipe.tokenizer is tokenizer and "<cat>" not in tokenizer.get_vocab()
     assert pipe.text_encoder.get_input_embeddings() is embeddings and dict(pipe.unet.attn_processors) == processors
     assert getattr(pipe, "_perfusion", None) is None and "encode_prompt" not in pipe.__dict__
+
+
+def test_concepts_go_into_a_pipeline_that_already_has_a_textual_inversion(folders, concept_run):
+    """A token added by diffusers' load_textual_inversion is not part of the base weights' fingerprint, and
+    the concept's token gets the row after it."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders[1])
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    pipe.load_textual_inversion({"<ti>": torch.randn(width)}, token="<ti>")
+    applied = apply_concepts(pipe, [concept_run["concept"]], concept_run["covariance"], betas=0.6, taus=0.15)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<ti>", applied.tokens[0]])
+    assert ids[1] == ids[0] + 1 == pipe.text_encoder.get_input_embeddings().num_embeddings - 1
+    remove_concepts(pipe)
+    assert "<ti>" in pipe.tokenizer.get_vocab() and applied.tokens[0] not in pipe.tokenizer.get_vocab()

@@ -292,8 +292,9 @@ def test_bad_gates_and_duplicates(model, cat, dog):
     for tau in (0.0, -0.1):
         with pytest.raises(ValueError, match="tau must be > 0"):
             load_concepts(model, [cat, dog], 0.5, [0.1, tau])
-    with pytest.raises(ConceptError, match="the same concept loaded twice"):
-        load_concepts(model, [cat, cat], 0.5, 0.1, names=["a.safetensors", "b.safetensors"])
+    for multi in ("named", "approx"):   # the approximation would subtract the same projection twice
+        with pytest.raises(ConceptError, match="a.safetensors and b.safetensors have the same target input i"):
+            load_concepts(model, [cat, cat], 0.5, 0.1, multi=multi, names=["a.safetensors", "b.safetensors"])
     with pytest.raises(ValueError, match="9 concepts given"):
         load_concepts(model, [cat] * 9)
     assert not model.bank.active

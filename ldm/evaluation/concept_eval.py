@@ -79,7 +79,7 @@ def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequen
 
     def alone(n: int, beta: float, tau: float) -> list[dict]:
         c = concepts[n]
-        images = timed(render_concepts, model, [c], templates, seeds, sampling, beta, tau)
+        images = timed(render_concepts, model, [c], templates, seeds, sampling, beta, tau, names=[names[n]])
         texts = [format_prompt(t, [c.superclass]) for t in templates for _ in seeds]
         return by_prompt(judge(images, texts, [features[n]]), templates, len(seeds))
 
@@ -103,7 +103,7 @@ def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequen
 
     if pair_templates and len(concepts) > 1:
         images = timed(render_concepts, model, concepts, pair_templates, seeds, sampling,
-                       [g[0] for g in gates], [g[1] for g in gates])
+                       [g[0] for g in gates], [g[1] for g in gates], names=list(names))
         texts = [format_prompt(t, [c.superclass for c in concepts]) for t in pair_templates for _ in seeds]
         scores = judge(images, texts, features)
         rows = [by_prompt(scores, pair_templates, len(seeds), which=n) for n in range(len(concepts))]

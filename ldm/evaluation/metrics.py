@@ -121,7 +121,9 @@ class DinoMetric(_Metric):
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
         from transformers import ViTModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()   # a command's output stays its own lines
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise MissingFileError(f"--dino {folder}: no config.json there; {DINO_HINT}")

@@ -139,9 +139,11 @@ def pipeline_fingerprints(pipe) -> dict[str, str]:
     unet = {k.removeprefix("model.diffusion_model."): v.float() for k, v in unet_names(pipe.unet.state_dict()).items()}
     encoders = text_encoders(pipe)
     text = {}
-    for i, encoder in enumerate(encoders):
-        text.update(text_encoder_names(encoder.state_dict(), encoder.config.to_dict(),
-                                       f"embedders.{i}." if len(encoders) == 2 else ""))
+    for i, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers(pipe))):
+        state = dict(encoder.state_dict())
+        rows = next(k for k in state if k.endswith("token_embedding.weight"))
+        state[rows] = state[rows][:tokenizer.vocab_size]   # rows a textual inversion added are not the base model's
+        text.update(text_encoder_names(state, encoder.config.to_dict(), f"embedders.{i}." if len(encoders) == 2 else ""))
     if len(encoders) == 2:   # the weights SDXLConditioner never reads (CLIP's last layer) are left out
         unused = set(_sdxl_conditioner(*encoders).unused_keys())
         text = {k: v for k, v in text.items() if k not in unused}
@@ -195,7 +197,7 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
     C, C_inv, _ = load_covariance(covariance)
     compare_fingerprints(pipeline_fingerprints(pipe) | {"covariance": fingerprint_tensors({"C": C})}, concepts, names,
                          "the pipeline's", _HINTS)
-    if multi != "approx" and n > 1:
+    if n > 1:
         check_independent(concepts, names, C_inv, multi)
     layers = cross_attention_names(pipe.unet)
     modules = dict(pipe.unet.named_modules())

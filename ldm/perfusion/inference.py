@@ -125,6 +125,20 @@ def check_independent(concepts: Sequence[Concept], names: Sequence[str], C_inv: 
                       "superclass): use the default rule, named", PerfusionWarning, stacklevel=3)
 
 
+def check_concepts(model, concepts: Sequence[Concept], names: Sequence[str], multi: str = "named") -> None:
+    """Everything `load_concepts` checks of concepts for `model`, before anything is loaded or sampled:
+    methods that combine, fingerprints, tensor shapes, distinct i* (each concept once)."""
+    methods = {c.method for c in concepts}
+    if "embedding" in methods and len(methods) > 1:
+        raise UserError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "
+                         f"in one model: {', '.join(f'{nm}: {c.method}' for nm, c in zip(names, concepts))}")
+    check_fingerprints(model, concepts, names)
+    for concept, name in zip(concepts, names):
+        _check_shapes(model, concept, name)
+    if len(concepts) > 1:
+        check_independent(concepts, names, model.bank.C_inv, multi)
+
+
 def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, taus=0.15,
                   global_locking: bool = False, multi: str = "named", names: Sequence[str] | None = None,
                   gate_at: str = "all") -> LoadedConcepts:
@@ -151,15 +165,8 @@ def load_concepts(model, concepts: Sequence[str | Path | Concept], betas=0.7, ta
         raise UserError(f"{n} concepts given; load 1 to {len(PLACEHOLDER_TOKENS)} at once")
     gates = GateSettings.of(betas, taus, n, model.device)
     loaded, names = read_concepts(concepts, names)
+    check_concepts(model, loaded, names, multi)
     methods = {c.method for c in loaded}
-    if "embedding" in methods and len(methods) > 1:
-        raise UserError("textual-inversion concepts (method 'embedding') cannot be combined with edited ones "
-                         f"in one model: {', '.join(f'{nm}: {c.method}' for nm, c in zip(names, loaded))}")
-    check_fingerprints(model, loaded, names)
-    for concept, name in zip(loaded, names):
-        _check_shapes(model, concept, name)
-    if multi != "approx" and n > 1:
-        check_independent(loaded, names, model.bank.C_inv, multi)
     tokens, ids = placeholder_tokens(model.cond_stage_model.tokenizer, n)
 
     device = model.bank.C_inv.device
