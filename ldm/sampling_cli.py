@@ -14,6 +14,7 @@ from ldm.errors import UserError
 
 DEFAULT_SCALE = 6.0
 MAX_PIXELS = 4096 * 4096
+MAX_BATCH = 1024   # images drawn at once; --n_iter repeats batches
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, outdir: str, batches: bool = True) -> None:
@@ -59,6 +60,9 @@ def check_sampling_flags(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+    if getattr(args, "n_samples", 1) > MAX_BATCH:
+        raise UserError(f"--n_samples {args.n_samples}: at most {MAX_BATCH} images in one batch; ask for more "
+                        "batches with --n_iter")
     pixels = (args.H or 1) * (args.W or 1)
     if pixels > args.max_pixels:
         raise UserError(f"--H {args.H} x --W {args.W} is {pixels:,} pixels, over --max_pixels {args.max_pixels:,} "

@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     check_sampling_flags(args)
     if args.seeds < 1 or args.batch < 1 or (args.max_prompts is not None and args.max_prompts < 1):
         raise UserError("--seeds, --batch and --max_prompts must be at least 1")
+    if args.seeds > 1000 or args.batch > 1024:
+        raise UserError(f"--seeds {args.seeds} / --batch {args.batch}: at most 1000 seeds per prompt and 1024 images "
+                        "per batch (for more seeds, evaluate in parts with --seed)")
     if args.write_recommendation and not args.beta_sweep:
         raise UserError("--write_recommendation needs --beta_sweep: the recommendation is chosen on the sweep")
     if args.tau_sweep and not args.beta_sweep:

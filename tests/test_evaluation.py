@@ -185,6 +185,7 @@ def test_evaluate_concept_end_to_end_and_the_stored_recommendation(scripts, metr
     ({"--beta_sweep": "0.3:0.9:3", "--tau_sweep": "0.1,0"}, "--tau_sweep must be > 0"),
     ({"--tau": "1e-300"}, "--tau must be > 0 (it divides the gate's input; at least 1.2e-38"),
     ({"--concepts": "OTHER"}, "other.safetensors: trained with unet fingerprint 0123456789abcdef"),
+    ({"--seeds": str(10**12)}, "at most 1000 seeds per prompt"),
 ])
 def test_bad_input_is_one_line(scripts, metric_files, training_images, tmp_path, capsys, change, expected):
     from ldm.cli import run_cli

@@ -146,3 +146,10 @@ def test_empty_prompt_is_zero_and_sampling_is_finite(model):
     assert cond["crossattn"][0].abs().max() > 0
     images = generate(model, ["a cat"], steps=2, scale=5.0, height=32, width=32, seed=0)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("override", ["model.params.original_size=[-1,5]", "model.params.crop=[0,0,0]",
+                                      "model.params.crop=a", "model.params.original_size=[512,'x']"])
+def test_size_conditioning_settings_are_two_whole_numbers(override):
+    with pytest.raises(ValueError, match=r"model.params.(original_size|crop) must be two whole numbers"):
+        build_model(load_config([TINY_XL], [override]))

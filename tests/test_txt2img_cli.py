@@ -172,6 +172,7 @@ def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expe
     (["--n_iter", "0"], "--n_iter must be at least 1"),
     (["--device", "mps"], "--device mps: no Apple GPU (MPS) is available"),
     (["--outdir", "FILE/sub"], "is a file; expected a folder"),
+    (["--n_samples", "1000000000"], "at most 1024 images in one batch; ask for more batches with --n_iter"),
     (["--H", "18"], "--H 18 and --W 32 must be multiples of 4 (the autoencoder's factor times the U-Net's"),
     (["--H", "200000", "--W", "200000"], "over --max_pixels 16,777,216 (a typo?); pass a larger --max_pixels"),
     (["--seed", "99999999999999999999999"], "--seed must be a whole number"),

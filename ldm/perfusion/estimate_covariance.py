@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):   # checked before the long work
         raise UserError(f"--out {out}: expected a file path (e.g. ckpt/covariance-sd-v1.safetensors), "
                         f"{'it is a folder' if out.is_dir() else f'{out.parent} is not a folder'}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
     if out.exists() and not is_covariance_file(out):   # a covariance may be replaced, nothing else
         raise UserError(f"--out {out}: exists and is not a covariance file; it would be replaced (choose another "
                         "path, or delete it first)")

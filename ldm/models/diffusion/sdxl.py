@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ldm.errors import UserError
+
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.sdxl_conditioner import size_vector
 
@@ -25,8 +27,8 @@ class SDXLLatentDiffusion(LatentDiffusion):
     def __init__(self, *args, original_size: Sequence[int] | None = None, crop: Sequence[int] = (0, 0),
                  zero_empty_prompt: bool = True, upcast_vae: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.original_size = tuple(original_size) if original_size else None
-        self.crop = tuple(crop)
+        self.original_size = None if original_size is None else _pair(original_size, "original_size", low=1)
+        self.crop = _pair(crop, "crop", low=0)
         self.zero_empty_prompt = zero_empty_prompt
         self.upcast_vae = upcast_vae
 
@@ -52,3 +54,12 @@ class SDXLLatentDiffusion(LatentDiffusion):
         with torch.autocast(z.device.type, enabled=False):
             self.first_stage_model.float()
             return super().decode_first_stage(z.float())
+
+
+def _pair(value, name: str, low: int) -> tuple[int, int]:
+    """model.params.`name`: two whole numbers (height, width), each >= `low`; one line naming it otherwise."""
+    numbers = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if numbers is None or len(numbers) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+                                                       for v in numbers):
+        raise UserError(f"model.params.{name} must be two whole numbers (height, width) >= {low}, got {value!r}")
+    return tuple(numbers)
