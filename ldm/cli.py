@@ -8,8 +8,9 @@ from typing import Callable
 
 from ldm.errors import PerfusionWarning, UserError
 
-# Operating-system failures the user fixes outside the program (space, permissions, a read-only disk).
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# Operating-system failures the user fixes outside the program (space, a file-size limit, permissions,
+# a read-only disk).
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def run_cli(main: Callable[[], int]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,16 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):   # left by a writer that was killed
             stale.unlink(missing_ok=True)
+    except OSError as err:
+        if err.filename in (tmp, Path(tmp)):   # name the file the user asked for, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    except Exception as err:
+        # safetensors reports an operating-system failure (a full disk) as "... (os error N)", not an OSError
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if type(err).__name__ == "SafetensorError" and code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -306,3 +306,30 @@ def test_estimated_covariance_is_identified_by_its_source_not_its_last_bits():
     other = tiny_perfusion_model("model.params.covariance_max_captions=200")
     other.ensure_covariance()
     assert other.fingerprints()["covariance"] != fingerprints[0]
+
+
+def test_a_full_disk_while_saving_names_the_file_and_leaves_nothing(tmp_path):
+    """A real write failure inside safetensors (a file-size limit: the kernel refuses the write, as a full disk
+    does) becomes one line naming the concept file; the earlier file and no temporary one remain."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "concept.safetensors"
+    target.write_bytes(b"the previous concept")
+    script = f"""
+import resource, signal, torch
+from safetensors.torch import save_file
+from ldm.cli import run_cli
+from ldm.util import atomic_path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+def main():
+    with atomic_path({str(target)!r}) as tmp:
+        save_file({{"x": torch.zeros(100000)}}, str(tmp))
+    return 0
+run_cli(main)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: {target}: File too large"
+    assert target.read_bytes() == b"the previous concept" and sorted(tmp_path.iterdir()) == [target]
