@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from ldm.evaluation.concept_eval import Judge, evaluate, write_report
     from ldm.evaluation.metrics import ClipMetric, DinoMetric
     from ldm.perfusion.concepts import load_concept
-    from ldm.perfusion.gate_settings import write_recommendation
+    from ldm.perfusion.gate_settings import check_writable, write_recommendation
 
     files = [f.strip() for f in args.concepts.split(",") if f.strip()]
     folders = [f.strip() for f in args.images.split(",") if f.strip()]
@@ -115,6 +115,9 @@ def main(argv=None) -> int:
                         "per batch (for more seeds, evaluate in parts with --seed)")
     if args.write_recommendation and not args.beta_sweep:
         raise UserError("--write_recommendation needs --beta_sweep: the recommendation is chosen on the sweep")
+    if args.write_recommendation:
+        for f in files:
+            check_writable(f)
     if args.tau_sweep and not args.beta_sweep:
         raise UserError("--tau_sweep needs --beta_sweep: it names the taus the beta sweep crosses")
     if not 0 < args.fraction <= 1:   # a nan fails this too

@@ -221,3 +221,28 @@ def test_a_tampered_recommendation_names_the_concept_file(stored):
     concept = replace(trained_concept("cat", 0), extra={RECOMMENDATION: stored})
     with pytest.raises(ValueError, match=r"teddy.safetensors: its stored recommendation .* is not \{\"beta\": a number"):
         choose_gates([concept], None, None, names=["teddy.safetensors"])
+
+
+def test_a_stored_recommendation_keeps_the_file_mode_and_links(tmp_path):
+    """--write_recommendation writes into a linked file's target (the link stays a link), keeps the mode, and
+    refuses a read-only concept before any work."""
+    import os
+    import stat
+
+    from ldm.perfusion.concepts import load_concept, save_concept
+    from ldm.perfusion.gate_settings import check_writable, write_recommendation
+
+    target = save_concept(tmp_path / "cat.safetensors", trained_concept("cat", 0))
+    target.chmod(0o640)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    write_recommendation(link, {"beta": 0.6, "tau": 0.1}, "a test")
+    assert link.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert recommended_gates(load_concept(link))["beta"] == 0.6
+    target.chmod(0o444)
+    if os.access(target, os.W_OK):   # root writes a read-only file: it stays read-only
+        write_recommendation(link, {"beta": 0.5, "tau": 0.1}, "a test")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o444
+    else:
+        with pytest.raises(ValueError, match="read-only; --write_recommendation needs to write it"):
+            check_writable(link)

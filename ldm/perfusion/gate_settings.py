@@ -65,15 +65,36 @@ class GateSettings:
 RECOMMENDATION = "recommendation"   # key in the concept file's `extra` metadata
 
 
+def check_writable(path: str | Path) -> Path:
+    """The concept file a recommendation will be written into (a link's target), refused on one line
+    when it cannot be written; checked before the work that chooses the recommendation."""
+    import os
+
+    from ldm.errors import MissingFileError
+
+    target = Path(path).resolve()
+    if not target.is_file():
+        raise MissingFileError(f"{path}: no such concept file")
+    if not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK):
+        raise UserError(f"{path}: read-only; --write_recommendation needs to write it (make it writable, or "
+                        "leave the flag out)")
+    return target
+
+
 def write_recommendation(path: str | Path, point: dict, rule: str) -> Path:
-    """Store `point`'s beta and tau (and the rule that chose them) in the concept file's metadata."""
+    """Store `point`'s beta and tau (and the rule that chose them) in the concept file's metadata: the file
+    itself is replaced (atomically), keeping its mode; a symbolic link keeps pointing at it."""
     from dataclasses import replace
 
     from ldm.perfusion.concepts import load_concept, save_concept
 
-    concept = load_concept(path)
+    target = check_writable(path)
+    mode = target.stat().st_mode & 0o7777
+    concept = load_concept(target)
     entry = {"beta": point["beta"], "tau": point["tau"], "rule": rule}
-    return save_concept(path, replace(concept, extra={**concept.extra, RECOMMENDATION: json.dumps(entry)}))
+    saved = save_concept(target, replace(concept, extra={**concept.extra, RECOMMENDATION: json.dumps(entry)}))
+    saved.chmod(mode)
+    return saved
 
 
 def recommended_gates(concept, name: str = "the concept") -> dict | None:
