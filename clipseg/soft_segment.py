@@ -111,9 +111,25 @@ def write_preview(images: list[Path], out_dir: Path) -> Path:
     return target
 
 
+def check_superclass(word: str) -> None:
+    """The superclass as training takes it (whole CLIP words), and short enough that every template with it
+    fits CLIPSeg's 77 tokens (a longer prompt would lose its last words, the object's name among them)."""
+    from ldm.data.templates import TEMPLATES, fill
+    from ldm.modules.tokenizer import CLIPTokenizer
+    from ldm.perfusion.prompts import superclass_token_ids
+
+    tokenizer = CLIPTokenizer(pad_with_eot=True)
+    superclass_token_ids(tokenizer, word)
+    longest = max(len(tokenizer.encode(fill(t, word))) for t in TEMPLATES) + 2
+    if longest > tokenizer.max_length:
+        raise UserError(f"--super_class is too long: with the templates it takes {longest} tokens, CLIPSeg reads "
+                        f"{tokenizer.max_length}; name the object in a few words")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = parse_device(args.device)   # checked before any work
+    check_superclass(args.super_class)
     image_dir = Path(args.image_dir)
     out_dir = Path(args.out_dir) if args.out_dir else image_dir / "mask"
     images = list_images(image_dir)

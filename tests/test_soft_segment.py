@@ -159,6 +159,10 @@ def test_clear_errors(tmp_path, image_dir, model_dir):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="--out_dir .*a-file is a file"):
         run(image_dir, model_dir, "--out_dir", str(tmp_path / "a-file"))
+    for word, message in (("cat " * 100, "--super_class is too long"), ("{}", "must be words, without"),
+                          ("ꙮꙮ", "not a known word")):
+        with pytest.raises(ValueError, match=message):
+            soft_segment.main(["--image_dir", str(image_dir), "--super_class", word, "--device", "cpu"])
     with pytest.raises(ValueError, match="--device mps: no Apple GPU"):   # run() passes --device cpu; the last wins
         soft_segment.main(["--image_dir", str(image_dir), "--super_class", "cat", "--device", "mps"])
     not_clipseg = tmp_path / "other-model"

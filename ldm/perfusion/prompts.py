@@ -39,6 +39,8 @@ def single_token_id(tokenizer, placeholder: str) -> int:
 
 def superclass_token_ids(tokenizer, word: str) -> list[int]:
     """Token ids of the superclass; every token must be a whole word the vocabulary knows."""
+    if "{" in word or "}" in word:   # templates put the word where their {} stands
+        raise UserError(f"superclass {word!r} must be words, without {{ or }}")
     ids = tokenizer.encode(word)
     if not ids:
         raise UserError(f"superclass {word!r} is empty")
