@@ -13,6 +13,12 @@ import torch
 from ldm.errors import UserError
 
 
+# this project's other safetensors files, named when one is given where model weights are expected
+NOT_WEIGHTS = {"perfusion-concept": "a Perfusion concept, not model weights (sampling takes it with "
+                                    "--personalized_ckpt, the base model with --ckpt)",
+               "perfusion-covariance": "a covariance file, not model weights (model.params.covariance_path takes it)"}
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line that names the file."""
 
@@ -52,10 +58,15 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            kind = (f.metadata() or {}).get("format")
+        tensors = None if kind in NOT_WEIGHTS else load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {err}")
+    if tensors is None:
+        raise CheckpointError(f"{path}: {NOT_WEIGHTS[kind]}")
+    return tensors

@@ -77,7 +77,10 @@ def check_args(args):
     check_sampling_flags(args)
     prompts = read_prompts(args)
     for template in prompts + [args.negative_prompt]:
-        format_prompt(template, PLACEHOLDER_TOKENS[:n])
+        try:
+            format_prompt(template, PLACEHOLDER_TOKENS[:n])
+        except UserError as err:   # say which files the commas gave
+            raise UserError(f"{err} (--personalized_ckpt names {n}: {', '.join(paths)})") from None
     return paths, betas, taus, sweep, prompts
 
 

@@ -121,10 +121,22 @@ def _with_fingerprint(tmp_path, part):
     ("sweep", "must be START:STOP:COUNT"),
     ("no_prompt", "no prompt"),
     ("merged", "merges with the characters next to it"),
+    ("comma", "uses '{}' but 2 concepts are loaded; name them {1}..{2} (--personalized_ckpt names 2: "),
+    ("lightning_ckpt", "last.ckpt: a PyTorch checkpoint, not a concept file (a run's concept is concepts/last"),
+    ("concept_as_ckpt", "cat-0.safetensors: a Perfusion concept, not model weights (sampling takes it with"),
 ])
 def test_bad_input_is_one_line_error(script, capsys, files, tmp_path, case, expected):
     cat, dog, config = files["cat"], files["dog"], files["config"]
     args = {"--config": config, "--personalized_ckpt": f"{cat},{dog}", "--prompt": "a {1} and a {2}"}
+    if case == "comma":   # a file name with a comma is read as two files
+        args["--prompt"] = "a {}"
+    elif case == "lightning_ckpt":
+        import torch
+        torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "last.ckpt")
+        args["--personalized_ckpt"] = str(tmp_path / "last.ckpt")
+        args["--prompt"] = "a {}"
+    elif case == "concept_as_ckpt":
+        args["--ckpt"] = cat
     if case == "slot":
         args["--prompt"] = "a {1} and a {3}"
     elif case == "beta_length":

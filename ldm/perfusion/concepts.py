@@ -84,6 +84,11 @@ def load_concept(path: str | Path) -> Concept:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head in (b"PK", b"\x80\x02"):   # a zip or pickle: a PyTorch/Lightning checkpoint
+            raise ConceptError(f"{path}: a PyTorch checkpoint, not a concept file (a run's concept is "
+                               "concepts/last.safetensors; checkpoints/last.ckpt is its resume state)") from None
         raise ConceptError(f"{path}: not a readable safetensors concept file (truncated or corrupt?): {err}")
     if meta.get("format") != FORMAT:
         raise ConceptError(f"{path}: not a Perfusion concept (metadata format {meta.get('format')!r})")
