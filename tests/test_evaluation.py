@@ -246,3 +246,30 @@ def test_a_stored_recommendation_keeps_the_file_mode_and_links(tmp_path):
     else:
         with pytest.raises(ValueError, match="read-only; --write_recommendation needs to write it"):
             check_writable(link)
+
+
+def test_broken_metric_model_files_are_one_line(metric_files, tmp_path):
+    """Truncated, tampered or mismatched CLIP and DINO files: one line naming the flag and file."""
+    import shutil
+
+    from ldm.evaluation.metrics import ClipMetric, DinoMetric
+
+    clip_config, clip_ckpt, dino = metric_files
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(clip_ckpt.read_bytes()[:100])
+    bad_json = tmp_path / "bad-clip.json"
+    bad_json.write_text('{"embed_dim": 32,\n')
+    cases = [(lambda: ClipMetric(str(clip_config), truncated), "--clip_ckpt .*truncated.safetensors: cannot be loaded"),
+             (lambda: ClipMetric(str(bad_json), clip_ckpt), "--clip_model .*bad-clip.json: not a valid open_clip")]
+    for name, change in (("no-weights", lambda d: [p.unlink() for p in d.glob("model.safetensors")]),
+                         ("bad-config", lambda d: (d / "config.json").write_text("{ not json")),
+                         ("bad-preprocessor", lambda d: (d / "preprocessor_config.json").write_text("{ no")),
+                         ("truncated", lambda d: (d / "model.safetensors").write_bytes(b"\x08\x00\x00")),
+                         ("other-model", lambda d: (d / "config.json").write_text('{"model_type": "clipseg"}'))):
+        folder = tmp_path / name
+        shutil.copytree(dino, folder)
+        change(folder)
+        cases.append((lambda folder=folder: DinoMetric(folder), f"--dino .*{name}: "))
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()

@@ -71,6 +71,22 @@ class _Metric:
         return mean_pairwise_cosine(self.image_features(images), reference_features)
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (RuntimeError, AssertionError, ValueError, KeyError, OSError, pickle.UnpicklingError, SafetensorError)
+
+
+LOAD_ERRORS = _load_errors()   # what reading a metric model's files raises when a file is not what it should be
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'unreadable'}"
+
+
 class ClipMetric(_Metric):
     """An open_clip model: `model_name` is an architecture name (ViT-L-14) or a JSON model config
     file (open_clip's format), `checkpoint` its weights (safetensors, or .bin/.pt read with weights_only)."""
@@ -84,15 +100,18 @@ class ClipMetric(_Metric):
         if model_name.endswith(".json"):
             if not Path(model_name).is_file():
                 raise MissingFileError(f"--clip_model {model_name}: no such model config file")
-            open_clip.add_model_config(model_name)
+            try:
+                open_clip.add_model_config(model_name)
+            except (ValueError, UnicodeDecodeError) as err:   # json's errors are ValueErrors
+                raise UserError(f"--clip_model {model_name}: not a valid open_clip model config ({err})") from None
             model_name = Path(model_name).stem
         if model_name not in open_clip.list_models():
             raise UserError(f"--clip_model {model_name!r} is not an open_clip architecture (e.g. ViT-L-14, "
                             "ViT-B-32) or a model config .json file")
         try:
             self.model = open_clip.create_model(model_name, pretrained=str(checkpoint), device=device).eval()
-        except RuntimeError as err:   # a state dict that does not fit the architecture
-            raise UserError(f"--clip_ckpt {checkpoint}: does not fit {model_name} ({str(err).splitlines()[0]})")
+        except LOAD_ERRORS as err:   # a truncated, tampered or other model's file
+            raise UserError(f"--clip_ckpt {checkpoint}: cannot be loaded as {model_name} ({_first_line(err)})") from None
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg["size"]
@@ -127,9 +146,22 @@ class DinoMetric(_Metric):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise MissingFileError(f"--dino {folder}: no config.json there; {DINO_HINT}")
-        self.model = ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False).to(device).eval()
-        processor = folder / "preprocessor_config.json"
-        cfg = json.loads(processor.read_text()) if processor.is_file() else {}
+        try:
+            kind = json.loads((folder / "config.json").read_text()).get("model_type")
+            if kind != "vit":
+                raise UserError(f"--dino {folder}: a {kind!r} model, expected a ViT ({DINO_HINT})")
+            self.model, info = ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False,
+                                                        output_loading_info=True)
+            processor = folder / "preprocessor_config.json"
+            cfg = json.loads(processor.read_text()) if processor.is_file() else {}
+        except UserError:
+            raise
+        except LOAD_ERRORS as err:
+            raise UserError(f"--dino {folder}: cannot be loaded ({_first_line(err)})") from None
+        if info["missing_keys"]:
+            raise UserError(f"--dino {folder}: its weights lack {len(info['missing_keys'])} of the ViT's tensors "
+                            f"(e.g. {info['missing_keys'][0]}); {DINO_HINT}")
+        self.model = self.model.to(device).eval()
         size = cfg.get("size", self.model.config.image_size)
         self.size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else int(size)
         self.mean = cfg.get("image_mean", (0.485, 0.456, 0.406))   # ImageNet's, DINO's training statistics
