@@ -236,20 +236,24 @@ def make_callbacks(config, run_dir: Path, seed: int) -> list:
     if unknown:
         raise ConfigError(f"lightning.callbacks.{unknown[0]} is unknown; known callbacks: {', '.join(CALLBACK_KEYS)}")
     params = {key: dict(section.get(key) or {}) for key in CALLBACK_KEYS}
-    try:
-        callbacks = [
-            ConceptCheckpoint(run_dir / "concepts", **params["concept_checkpoint"]),
-            ResumeCheckpoint(run_dir / "checkpoints", **params["checkpoint"]),
-            ImageLogger(run_dir / "images", **params["image_logger"]),
-            LearningRateMonitor(logging_interval="step"),
-            SeedPerRank(seed),
-            StepProgressBar(),
-        ]
-        if "ema" in section:   # an exponential moving average of the weights, swapped in when training ends
-            callbacks.append(EMA(**ema_settings(params["ema"])))
-        return callbacks
-    except TypeError as err:
-        raise ConfigError(f"lightning.callbacks: {err}") from err
+
+    def made(key: str, make):
+        try:
+            return make()
+        except (TypeError, ValueError) as err:   # an unknown or bad setting, named with its callback
+            raise ConfigError(f"lightning.callbacks.{key}: {err}") from err
+
+    callbacks = [
+        made("concept_checkpoint", lambda: ConceptCheckpoint(run_dir / "concepts", **params["concept_checkpoint"])),
+        made("checkpoint", lambda: ResumeCheckpoint(run_dir / "checkpoints", **params["checkpoint"])),
+        made("image_logger", lambda: ImageLogger(run_dir / "images", **params["image_logger"])),
+        LearningRateMonitor(logging_interval="step"),
+        SeedPerRank(seed),
+        StepProgressBar(),
+    ]
+    if "ema" in section:   # an exponential moving average of the weights, swapped in when training ends
+        callbacks.append(EMA(**ema_settings(params["ema"])))
+    return callbacks
 
 
 # ----------------------------------------------------------------------------- main

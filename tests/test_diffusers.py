@@ -225,6 +225,9 @@ def test_a_refused_concept_list_leaves_the_pipeline_as_it_was(folders, concept_r
         apply_concepts(pipe, [], concept_run["covariance"])
     with pytest.raises(ConceptError, match="the same concept loaded twice"):
         apply_concepts(pipe, [concept_run["concept"]] * 2, concept_run["covariance"], tokens=["<a>", "<b>"])
+    for tokens in ([""], [" <a>"], ["two words"]):
+        with pytest.raises(UserError, match="tokens must be single words without spaces"):
+            apply_concepts(pipe, [concept_run["concept"]], concept_run["covariance"], tokens=tokens)
     with pytest.raises(UserError, match="multi-concept rule must be one of"):
         apply_concepts(pipe, [concept_run["concept"]], concept_run["covariance"], multi="exact")
     assert pipe.tokenizer is tokenizer and "<cat>" not in tokenizer.get_vocab()

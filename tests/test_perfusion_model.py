@@ -210,6 +210,7 @@ def test_weight_decay_is_a_setting_off_by_default():
 
 @pytest.mark.parametrize("override,match", [
     ("model.params.weight_decay=-0.1", "weight_decay must be >= 0"),
+    ("model.params.covariance_max_captions=0", "covariance_max_captions must be a whole number >= 1"),
     ("model.params.placeholder=sksdog", "must be exactly one"),
     ("model.params.superclass=zxqv", "not a known word"),
     ("model.params.superclass=''", "is empty"),

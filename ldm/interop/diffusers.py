@@ -188,6 +188,8 @@ def apply_concepts(pipe, files: Sequence[str | Path | Concept], covariance: str 
         tokens = [f"<{Path(f).stem}>" if not isinstance(f, Concept) else f"<concept-{i + 1}>" for i, f in enumerate(files)]
     if len(tokens) != n or len(set(tokens)) != n:
         raise UserError(f"tokens needs {n} different words, one per concept, got {list(tokens)}")
+    if any(not isinstance(t, str) or not t or t != t.strip() or len(t.split()) != 1 for t in tokens):
+        raise UserError(f"tokens must be single words without spaces (e.g. '<my-teddy>'), got {list(tokens)}")
     if any(c.method != "perfusion" for c in concepts):
         raise UserError("only Perfusion concepts with locked keys (method 'perfusion') go into a pipeline")
     betas = None if betas is None else per_concept(betas, n, "beta")

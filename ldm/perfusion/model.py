@@ -98,6 +98,10 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             raise UserError(f"placeholder {placeholder!r} is part of the superclass {superclass!r}")
         self.target_templates = _target_templates(target_templates)
         self.covariance_path, self.covariance_captions = covariance_path, repo_path(covariance_captions)
+        if isinstance(covariance_max_captions, bool) or not isinstance(covariance_max_captions, int) \
+                or covariance_max_captions < 1:
+            raise UserError(f"model.params.covariance_max_captions must be a whole number >= 1, got "
+                            f"{covariance_max_captions!r}")
         self.covariance_max_captions = covariance_max_captions
         self.beta, self.tau = _number("beta", beta), _number("tau", tau, positive=True)
         self.lr_o_v, self.lr_embedding = _number("lr_o_v", lr_o_v, positive=True), _number("lr_embedding", lr_embedding, positive=True)
