@@ -313,6 +313,12 @@ def run(argv: list[str] | None = None, extra_callbacks: Sequence = ()):
         model = build_model(config, ckpt=ckpt, seed=seed)
     except TypeError as err:
         raise ConfigError(f"model: cannot build {config.model.get('target')}: {err}") from err
+    size, unet = getattr(dataset, "size", None), getattr(getattr(model, "model", None), "diffusion_model", None)
+    if isinstance(size, int) and hasattr(model, "first_stage_model") and hasattr(unet, "num_levels"):
+        factor = model.first_stage_model.downsample_factor * 2 ** (unet.num_levels - 1)
+        if size % factor:   # before any step: the U-Net's skip connections need whole latent halvings
+            raise ConfigError(f"data.params.size {size} is not a multiple of {factor} (the autoencoder's factor times "
+                              f"the U-Net's downsampling); use {max(factor, size // factor * factor)}")
 
     steps, accumulate = settings["max_steps"], settings.get("accumulate_grad_batches", 1)
     print(f"data: {len(dataset)} items from {config.data.target}; batch {batch_size} x accumulate {accumulate} "

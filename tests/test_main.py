@@ -457,6 +457,7 @@ def cli_error(argv, capsys) -> str:
     (["data.params.colour=red"], "data: cannot build"),
     (["model.params.colour=red"], "model: cannot build"),
     (["model.params.placeholder=two words"], "'two words' is 2 CLIP tokens"),
+    (["data.params.size=30"], "data.params.size 30 is not a multiple of 4"),
     (["--name", "../../escaped"], "--name '../../escaped': a plain name for the run folder"),
     (["--name", "a/b"], "--name 'a/b': a plain name"),
     (["--name", "n" * 300], "--name is 300 bytes; at most 120"),
