@@ -3,6 +3,8 @@ in the published names, goes through diffusers' single-file converters (the ones
 sd_xl_base_1.0.safetensors) into diffusers models, which must then compute what this project does."""
 from __future__ import annotations
 
+import shutil
+
 import diffusers
 import pytest
 import torch
@@ -136,6 +138,9 @@ def test_diffusers_sdxl_folder_loads_as_the_same_weights(model, published, tmp_p
     loaded = build_model(load_config([TINY_XL]), ckpt=tmp_path / "sdxl")
     for key, value in model.state_dict().items():
         assert torch.allclose(loaded.state_dict()[key], value), key
+    shutil.rmtree(tmp_path / "sdxl/text_encoder_2")   # a folder copied in part
+    with pytest.raises(ValueError, match="lists text_encoder_2 but the folder has no text_encoder_2/"):
+        build_model(load_config([TINY_XL]), ckpt=tmp_path / "sdxl")
 
 
 def test_empty_prompt_is_zero_and_sampling_is_finite(model):

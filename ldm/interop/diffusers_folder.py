@@ -48,6 +48,10 @@ def read_diffusers_folder(path: str | Path) -> dict[str, torch.Tensor]:
     for part, convert in (("unet", unet_names), ("vae", vae_names)):
         state.update(convert(_read_part(path / part, _WEIGHT_FILES[part])))
     xl = (path / "text_encoder_2").is_dir()
+    listed = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if "text_encoder_2" in listed and not xl:
+        raise DiffusersFolderError(f"{path}: model_index.json lists text_encoder_2 but the folder has no "
+                                   "text_encoder_2/ (an SDXL pipeline needs both text encoders; copy it whole)")
     for i, part in enumerate(("text_encoder", "text_encoder_2") if xl else ("text_encoder",)):
         tensors = _read_part(path / part, _WEIGHT_FILES[part])
         prefix = f"cond_stage_model.embedders.{i}." if xl else "cond_stage_model."
