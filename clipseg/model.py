@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ldm.errors import MissingFileError, UserError
 
@@ -64,7 +66,7 @@ def load_clipseg(directory: str | Path, device: str | torch.device = "cpu"):
         image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
         processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
         model = CLIPSegForImageSegmentation.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__).strip()
         raise UserError(f"{directory}: cannot load the CLIPSeg model: {first}") from err
     return model.to(device).eval(), processor

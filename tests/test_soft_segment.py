@@ -165,6 +165,21 @@ def test_clear_errors(tmp_path, image_dir, model_dir):
             soft_segment.main(["--image_dir", str(image_dir), "--super_class", word, "--device", "cpu"])
     with pytest.raises(ValueError, match="--device mps: no Apple GPU"):   # run() passes --device cpu; the last wins
         soft_segment.main(["--image_dir", str(image_dir), "--super_class", "cat", "--device", "mps"])
+    tampered = tmp_path / "tampered"   # weights that would run code when unpickled, and truncated ones
+    shutil.copytree(model_dir, tampered)
+    (tampered / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo never run",))
+
+    torch.save({"x": Payload()}, tampered / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="tampered: cannot load the CLIPSeg model: .+"):
+        load_clipseg(tampered)
+    (tampered / "pytorch_model.bin").unlink()
+    (tampered / "model.safetensors").write_bytes(b"\x08\x00\x00")
+    with pytest.raises(ValueError, match="tampered: cannot load the CLIPSeg model: .+"):
+        load_clipseg(tampered)
     not_clipseg = tmp_path / "other-model"
     not_clipseg.mkdir()
     (not_clipseg / "config.json").write_text('{"model_type": "bert"}')
