@@ -243,3 +243,18 @@ def test_out_that_is_not_a_covariance_is_never_replaced(tmp_path, tiny):
         est.main(args + ["--out", str(out), "--seed", str(10**30)])
     assert est.main(args + ["--out", str(out)]) == 0 and est.main(args + ["--out", str(out), "--ridge", "1e-2"]) == 0
     assert load_covariance(out)[2]["ridge"] == "0.01"
+
+
+def test_captions_can_come_through_a_pipe(tmp_path):
+    """--captions /dev/stdin (read once, as it can only be): the same covariance as from the file."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(first_captions(30)) + "\n")
+    outs = {}
+    for name, source, stdin in (("file", str(captions), None), ("pipe", "/dev/stdin", captions.read_text())):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        result = subprocess.run([sys.executable, str(REPO / "data" / "estimate_covariance.py"), "--config",
+                                 str(TINY["sd1"]), "--captions", source, "--out", str(outs[name]), "--device", "cpu"],
+                                input=stdin, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    (c_file, _, meta_file), (c_pipe, _, meta_pipe) = load_covariance(outs["file"]), load_covariance(outs["pipe"])
+    assert torch.equal(c_file, c_pipe) and meta_file["captions"] == meta_pipe["captions"] == "30"

@@ -92,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not is_covariance_file(out):   # a covariance may be replaced, nothing else
         raise UserError(f"--out {out}: exists and is not a covariance file; it would be replaced (choose another "
                         "path, or delete it first)")
-    n_captions = count_captions(args.captions, args.max_captions)
+    captions = args.captions
+    source = Path(captions)
+    if source.exists() and not source.is_file() and not source.is_dir():   # a pipe (/dev/stdin): read it once
+        with open(source, encoding="utf-8") as f:
+            captions = [line.strip() for line in f if line.strip()][:args.max_captions]
+        if not captions:
+            raise UserError(f"--captions {source}: no captions came through it")
+        n_captions = len(captions)
+    else:
+        n_captions = count_captions(captions, args.max_captions)
     device = parse_device(args.device)
     encoder = build_text_encoder(args.config, args.ckpt, args.seed).to(device)
     fingerprint = encoder.fingerprint()
 
     start = time.perf_counter()
-    acc, captions_sha = accumulate(encoder, args.captions, args.max_captions, args.token_rule, args.batch_size,
+    acc, captions_sha = accumulate(encoder, captions, args.max_captions, args.token_rule, args.batch_size,
                                    progress=True, total=n_captions)
     seconds = time.perf_counter() - start
     c, ridge_abs = add_ridge(acc.finalize(), args.ridge)
