@@ -231,6 +231,21 @@ def test_sdxl_pipeline_with_concept_draws_what_the_script_draws(sdxl_folder, con
     assert np.array_equal(pipe("a photo of a cat", latents=latents.clone(), **run).images[0], before)
 
 
+def test_an_sdxl_pipeline_whose_second_tokenizer_refuses_is_left_as_it_was(sdxl_folder, concept_run):
+    """The second tokenizer already has a word the second text encoder has no row for: the token cannot get
+    the row after the encoder's, which is found before either encoder or tokenizer is touched."""
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.tokenizer_2.add_tokens(["<stray>"])
+    tokenizers, encoders = (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2)
+    embeddings = [e.get_input_embeddings() for e in encoders]
+    vocab = [len(t) for t in tokenizers]
+    with pytest.raises(ValueError, match="gave the new tokens ids"):
+        apply_concepts(pipe, [concept_run["concept"]], concept_run["covariance"])
+    assert (pipe.tokenizer, pipe.tokenizer_2) == tokenizers and [len(t) for t in tokenizers] == vocab
+    assert [e.get_input_embeddings() for e in encoders] == embeddings and "encode_prompt" not in pipe.__dict__
+    assert getattr(pipe, "_perfusion", None) is None
+
+
 def test_evaluate_concept_runs_on_an_sdxl_concept(concept_run, metric_files, training_images, tmp_path):
     import json
 
