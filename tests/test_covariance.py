@@ -239,6 +239,8 @@ def test_out_that_is_not_a_covariance_is_never_replaced(tmp_path, tiny):
             est.main(args + ["--out", str(path)])
         assert path.read_bytes() == before
     out = tmp_path / "cov.safetensors"
+    with pytest.raises(ValueError, match="--device mps: no Apple GPU"):
+        est.main([a for a in args if a != "cpu" and a != "--device"] + ["--out", str(out), "--device", "mps"])
     with pytest.raises(ValueError, match=r"--seed must be a whole number in \[0, 2\^63\)"):
         est.main(args + ["--out", str(out), "--seed", str(10**30)])
     assert est.main(args + ["--out", str(out)]) == 0 and est.main(args + ["--out", str(out), "--ridge", "1e-2"]) == 0
