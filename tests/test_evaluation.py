@@ -259,7 +259,14 @@ def test_broken_metric_model_files_are_one_line(metric_files, tmp_path):
     truncated.write_bytes(clip_ckpt.read_bytes()[:100])
     bad_json = tmp_path / "bad-clip.json"
     bad_json.write_text('{"embed_dim": 32,\n')
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never run",))
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"state_dict": Payload()}, evil)
     cases = [(lambda: ClipMetric(str(clip_config), truncated), "--clip_ckpt .*truncated.safetensors: cannot be loaded"),
+             (lambda: ClipMetric(str(clip_config), evil), "--clip_ckpt .*evil.bin: cannot be loaded as tiny-clip .+"),
              (lambda: ClipMetric(str(bad_json), clip_ckpt), "--clip_model .*bad-clip.json: not a valid open_clip")]
     for name, change in (("no-weights", lambda d: [p.unlink() for p in d.glob("model.safetensors")]),
                          ("bad-config", lambda d: (d / "config.json").write_text("{ not json")),
