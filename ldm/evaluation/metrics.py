@@ -100,10 +100,11 @@ class ClipMetric(_Metric):
         if model_name.endswith(".json"):
             if not Path(model_name).is_file():
                 raise MissingFileError(f"--clip_model {model_name}: no such model config file")
-            try:
-                open_clip.add_model_config(model_name)
+            try:   # read here first: open_clip keeps every config path it is given, and rereads them all
+                json.loads(Path(model_name).read_text())
             except (ValueError, UnicodeDecodeError) as err:   # json's errors are ValueErrors
                 raise UserError(f"--clip_model {model_name}: not a valid open_clip model config ({err})") from None
+            open_clip.add_model_config(model_name)
             model_name = Path(model_name).stem
         if model_name not in open_clip.list_models():
             raise UserError(f"--clip_model {model_name!r} is not an open_clip architecture (e.g. ViT-L-14, "
