@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import threading
 import warnings
 from typing import Callable
 
@@ -26,6 +27,13 @@ def run_cli(main: Callable[[], int]) -> None:
             show(message, category, *args, **kwargs)
 
     warnings.showwarning = one_line
+    hook = threading.excepthook
+
+    def quiet_threads(args):   # a background writer (TensorBoard's) that hit a full disk: the main error says it
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in USER_ERRNOS):
+            hook(args)
+
+    threading.excepthook = quiet_threads
     try:
         code = main()
     except UserError as err:
@@ -34,14 +42,16 @@ def run_cli(main: Callable[[], int]) -> None:
     except OSError as err:
         if err.errno not in USER_ERRNOS:
             raise
-        where = f"{err.filename}: " if err.filename else ""
+        # a full disk often fails twice (a file, then a logger flushing at shutdown): name the first file
+        named = next((e.filename for e in exception_chain(err) if isinstance(e, OSError) and e.filename), None)
+        where = f"{named}: " if named else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
-        warnings.showwarning = show
+        warnings.showwarning, threading.excepthook = show, hook
     sys.exit(code or 0)
 
 
@@ -65,3 +75,10 @@ def parse_device(text: str | None, flag: str = "--device"):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{flag} {text}: no Apple GPU (MPS) is available in this PyTorch; use {flag} cpu")
     return device
+
+
+def exception_chain(err: BaseException):
+    """`err` and the exceptions it was raised while handling, oldest last."""
+    while err is not None:
+        yield err
+        err = err.__context__

@@ -22,6 +22,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from ldm.build import ConfigError
+from ldm.cli import USER_ERRNOS, exception_chain
 from ldm.errors import MissingFileError, UserError
 
 RUN_DIR_ENV = "LDM_RUN_DIR"  # passed by the launching process to the DDP processes Lightning starts
@@ -367,6 +368,10 @@ def run(argv: list[str] | None = None, extra_callbacks: Sequence = ()):
     except SystemExit:
         if trainer.interrupted:   # Lightning turns Ctrl-C into exit(1) after its shutdown: keep it a Ctrl-C (130)
             raise KeyboardInterrupt from None
+        raise
+    except OSError as err:   # a full disk met by a writer that names no file (TensorBoard's): name the run
+        if err.errno in USER_ERRNOS and not any(isinstance(e, OSError) and e.filename for e in exception_chain(err)):
+            raise OSError(err.errno, err.strerror, str(run_dir)) from err
         raise
     finally:
         if previous is None:

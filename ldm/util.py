@@ -64,7 +64,7 @@ def atomic_path(path: str | os.PathLike):
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):   # left by a writer that was killed
             stale.unlink(missing_ok=True)
     except OSError as err:
-        if err.filename in (tmp, Path(tmp)):   # name the file the user asked for, not the temporary one
+        if err.filename in (None, tmp, Path(tmp)):   # name the file the user asked for, not the temporary one
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     except Exception as err:

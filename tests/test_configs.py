@@ -80,3 +80,11 @@ def test_a_toy_command_runs_from_another_folder(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert "localization per token" in result.stdout and not any(tmp_path.iterdir())
+
+
+def test_the_tiny_training_config_runs_from_another_folder(tmp_path, monkeypatch):
+    """Its images, like its captions, are found from the repository, not from the working folder."""
+    from ldm.train import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(["--base", str(ROOT / "configs/tiny/perfusion-tiny.yaml"), "--logdir", str(tmp_path / "logs")]) is None

@@ -577,3 +577,22 @@ def test_configs_without_a_lightning_section_or_as_a_list(first_run, tmp_path, c
     listed.write_text("- model\n- data\n")
     assert "list.yaml: expected sections (model:, data:, lightning:) at the top level, got a list" in \
         cli_error(["--base", str(listed)], capsys)
+
+
+def test_a_disk_that_fills_during_training_is_one_line_naming_a_path(tmp_path):
+    """Writes refused by the operating system mid-run (a file-size limit here, as a full disk refuses them):
+    no thread's traceback, one error line that names the file or the run folder."""
+    script = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+from ldm.cli import run_cli
+from ldm.train import main
+sys.argv = ["main.py"]
+run_cli(lambda: main(["--base", {str(PERFUSION)!r}, "-t", "--logdir", {str(tmp_path)!r}, "--accelerator", "cpu",
+                      "lightning.trainer.max_steps=300", "lightning.callbacks.image_logger.every_n_steps=2"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and f"error: {tmp_path}" in errors[0] and errors[0].endswith("File too large"), errors
