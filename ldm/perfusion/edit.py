@@ -77,13 +77,13 @@ def needs_positions(n: int, gate_at: str, multi: str) -> bool:
 
 
 def rule_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau, multi: str = "named",
-               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sim, gate) (B, T, N): `concept_gates` at every token as the `multi` rule reads them for several
-    concepts (see gated_rank1_edit); `positions` (B, T, N) bool, where concept n's placeholder sits, for
-    "named"."""
-    n = i_star.shape[0]
-    sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint=n > 1 and check_multi(multi) == "joint")
-    if n > 1 and multi == "named":   # a placeholder's token is its own concept's alone
+               positions: torch.Tensor | None = None, gate_at: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sim, gate) (B, T, N): `concept_gates` at every token as the `multi` rule reads them where a token
+    can be edited by several concepts (`shared_tokens`; see gated_rank1_edit); `positions` (B, T, N) bool,
+    where concept n's placeholder sits, for "named"."""
+    shared = shared_tokens(i_star.shape[0], gate_at)
+    sim, gate = concept_gates(e, i_star, C_inv, beta, tau, joint=shared and check_multi(multi) == "joint")
+    if shared and multi == "named":   # a placeholder's token is its own concept's alone
         own = positions.any(-1, keepdim=True)
         return torch.where(own, sim * positions, sim), torch.where(own, gate * positions, gate)
     return sim, gate
@@ -137,7 +137,7 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     if needs_positions(i_star.shape[0], gate_at, check_multi(multi)) and positions is None:
         raise ValueError(f"gate_at={gate_at!r} with multi={multi!r} needs the placeholder positions")
     shared = shared_tokens(i_star.shape[0], gate_at)
-    sim, gate = rule_gates(e, i_star, C_inv, beta, tau, multi if shared else "separate", positions)
+    sim, gate = rule_gates(e, i_star, C_inv, beta, tau, multi, positions, gate_at)
     dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
         e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
@@ -145,12 +145,13 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
             sim, gate = torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
         elif gate_at == "concept":
             sim, gate = sim * positions, gate * positions
-        # W (e - sum_n sim_n i*_n): Eq. 3 for one concept (and at a token only one concept edits), the
-        # exact projection with joint coordinates, the approximation otherwise
-        out = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
         if shared and multi in ("separate", "named"):
-            exact = _exact_projection(e, i_star, C_inv) @ W.T
-            out = exact if multi == "separate" else torch.where(positions.any(-1, keepdim=True), out, exact)
+            out = _exact_projection(e, i_star, C_inv) @ W.T
+        if not shared or multi != "separate":
+            # W (e - sum_n sim_n i*_n): Eq. 3 for one concept (and at a placeholder under "named"), the exact
+            # projection with joint coordinates, the approximation under "approx"
+            own = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
+            out = torch.where(positions.any(-1, keepdim=True), own, out) if shared and multi == "named" else own
         return out + gate @ O
 
 

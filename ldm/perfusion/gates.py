@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.perfusion.edit import rule_gates, shared_tokens
+from ldm.perfusion.edit import rule_gates
 from ldm.perfusion.prompts import check_prepared
 
 
@@ -71,8 +71,7 @@ def gate_tables(model, prompts: Sequence[str]) -> list[GateTable]:
     tokens = encoder.tokenize(list(prompts)).to(model.device)
     e = encoder.encode_embeddings(tokens, model.embed_tokens(tokens, rows))
     own = tokens[..., None] == torch.tensor(list(rows), device=tokens.device)
-    multi = bank.multi if shared_tokens(bank.i_star.shape[0], bank.gate_at) else "separate"
-    sim, gate = rule_gates(e, bank.i_star, bank.C_inv, bank.gates.beta, bank.gates.tau, multi, own)
+    sim, gate = rule_gates(e, bank.i_star, bank.C_inv, bank.gates.beta, bank.gates.tau, bank.multi, own, bank.gate_at)
     return [GateTable(p, _labels(encoder.tokenizer, t.tolist()), o.tolist(), s.tolist(), g.tolist())
             for p, t, o, s, g in zip(prompts, tokens, own, sim.float().cpu(), gate.float().cpu())]
 
