@@ -324,14 +324,14 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if self.method == "embedding":   # textual inversion: the projections stay the base model's
             return ConceptState(rows=rows, words=words)
         o_key = [k[None] for k in self.o_star_k] if self.method == "trained_keys" else None
-        gates = (beta, tau) if beta is not None or tau is not None else None
-        if gates is not None or self._training_gates is None or self._training_gates.beta.device != self.device:
-            # built once (a tensor from Python numbers is a host-to-device copy), not at every step
+        if beta is not None or tau is not None:
             gates = GateSettings.of(self.beta if beta is None else beta, self.tau if tau is None else tau, 1, self.device)
-            if beta is None and tau is None:
-                self._training_gates = gates
-        targets = self.bank.targets(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v],
-                                    gates or self._training_gates, o_key=o_key)
+        else:   # the training gates, built once per device (a tensor from Python numbers is a host-to-device copy)
+            if self._training_gates is None or self._training_gates.beta.device != self.device:
+                self._training_gates = GateSettings.of(self.beta, self.tau, 1, self.device)
+            gates = self._training_gates
+        targets = self.bank.targets(self.i_star[None], self.i_super[None], [v[None] for v in self.o_star_v], gates,
+                                    o_key=o_key)
         return ConceptState(rows=rows, words=words, gate_at=self.gate_at, **targets)
 
     def activate_training_concept(self, beta=None, tau=None):
