@@ -39,7 +39,8 @@ import torch
 from ldm.errors import UserError
 from ldm.toy import fewshot, full_finetune
 from ldm.toy.experiment import BETA, BETA_GLOBAL, BETAS, SCENE_SPECS
-from ldm.toy.report import _mean, _pct
+from ldm.toy.fewshot import pct
+from ldm.toy.report import _mean
 from ldm.toy.runner import run
 from ldm.toy.world import COLOUR_CONCEPTS, CONCEPTS
 from ldm.util import REPO_ROOT as ROOT
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                   gate_study=args.gate_study, workers=args.workers)
     m = {f"narrow {label}": per for label, per in results["narrow"]["methods"].items()} | results["methods"]
     print(f"report: {Path(args.out) / 'report.md'} ({results['seconds'] / 60:.1f} min); mean fidelity: "
-          + ", ".join(f"{label} {_pct(_mean(per)['fidelity'])}%" for label, per in m.items()))
+          + ", ".join(f"{label} {pct(_mean(per)['fidelity'])}%" for label, per in m.items()))
     return 0
 
 

@@ -112,13 +112,14 @@ def best_at_bar(points: Sequence[dict], bar: float) -> dict | None:
     return max(kept, key=lambda p: p["fidelity"]) if kept else None
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A share as a percentage with one decimal, "n/a" for NaN (the toy reports' cells)."""
     return "n/a" if x != x else f"{100 * x:.1f}"
 
 
 def _ci(point: dict, key: str) -> str:
     low, high = point[f"{key}_ci"]
-    return f"{_pct(point[key])} [{_pct(low)}, {_pct(high)}]"
+    return f"{pct(point[key])} [{pct(low)}, {pct(high)}]"
 
 
 def lines(narrow: dict, settings: dict, floor_alignment: float) -> list[str]:
@@ -129,7 +130,7 @@ def lines(narrow: dict, settings: dict, floor_alignment: float) -> list[str]:
     out = ["### The paper's ablations (Fig. 9), few photos of one layout", "",
            f"Pooled over the concepts ({settings['looks_per_point']} concept objects per point); "
            "each cell fidelity [95 % interval], %. \"At the bar\": the highest fidelity over the beta sweep "
-           f"whose alignment is within 5 points of the superclass word's ({_pct(floor_alignment)} %), and its beta.",
+           f"whose alignment is within 5 points of the superclass word's ({pct(floor_alignment)} %), and its beta.",
            "", "| panel | curve | at beta " + f"{beta:g}" + ": fidelity | alignment | at the bar: fidelity | beta |",
            "|---|---|---|---|---|---|"]
     for title, _, panel in PANELS:

@@ -32,6 +32,7 @@ from ldm.errors import UserError
 from ldm.evaluation.harness import concepts_loaded
 from ldm.perfusion.edit import MULTI
 from ldm.toy.experiment import BETA, TAU, p_above, pair_scenes, templates
+from ldm.toy.fewshot import pct
 from ldm.toy.runner import Bench
 from ldm.toy.world import CONCEPTS, Scene, SceneObject
 from ldm.util import REPO_ROOT as ROOT
@@ -132,10 +133,6 @@ def run(out: Path, files: dict[str, Path], rules: Sequence[str], seeds: int, sam
 
 
 # ----------------------------------------------------------------------------- report
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}"
-
-
 def summary(pair: dict, rule: str) -> dict:
     """One pair under one rule: both present; the unnamed look on the plain object and the named look
     against alone, over both directions (the worse direction for the latter)."""
@@ -154,11 +151,11 @@ def checks(results: dict, rule: str = DEFAULT_RULE, before: str = "joint") -> li
     if same:
         out += [
             ("same superclass: unnamed concept on the plain object <= 5 % (each pair)",
-             ", ".join(_pct(s["unnamed_seen"]) for s in same.values()), max(s["unnamed_seen"] for s in same.values()) <= 0.05),
+             ", ".join(pct(s["unnamed_seen"]) for s in same.values()), max(s["unnamed_seen"] for s in same.values()) <= 0.05),
             ("same superclass: named concept >= 0.9x its look alone (each pair, each direction)",
              ", ".join(f"{s['vs_alone']:.2f}x" for s in same.values()), min(s["vs_alone"] for s in same.values()) >= 0.9),
             ("same superclass: both present >= 50 % (each pair)",
-             ", ".join(_pct(s["both"]) for s in same.values()), min(s["both"] for s in same.values()) >= 0.5)]
+             ", ".join(pct(s["both"]) for s in same.values()), min(s["both"] for s in same.values()) >= 0.5)]
     if before in results["settings"]["rules"] and before != rule:
         other = [k for k, p in pairs.items() if not p["same_superclass"]]
         worse = [k for k in other if summary(pairs[k], rule)["both"] < summary(pairs[k], before)["both"]]
@@ -204,7 +201,7 @@ def write_report(out: Path, results: dict) -> None:
         cells = []
         for rule in rules:
             m = [summary(p, rule) for p in chosen]
-            cells.append(f"{_pct(sum(x['both'] for x in m) / len(m))} / {_pct(sum(x['unnamed_seen'] for x in m) / len(m))}"
+            cells.append(f"{pct(sum(x['both'] for x in m) / len(m))} / {pct(sum(x['unnamed_seen'] for x in m) / len(m))}"
                          f" / {sum(x['vs_alone'] for x in m) / len(m):.2f}x")
         lines.append(f"| {kind} ({len(chosen)}) | " + " | ".join(cells) + " |")
     lines += ["", "## Every pair", "",
@@ -213,7 +210,7 @@ def write_report(out: Path, results: dict) -> None:
               "| pair | corr | cond | " + " | ".join(rules) + " |", "|---|---|---|" + "---|" * len(rules)]
     for name, p in pairs.items():
         mark = " (same superclass)" if p["same_superclass"] else ""
-        cells = " | ".join("{} / {} / {:.2f}x".format(_pct(x["both"]), _pct(x["unnamed_seen"]), x["vs_alone"])
+        cells = " | ".join("{} / {} / {:.2f}x".format(pct(x["both"]), pct(x["unnamed_seen"]), x["vs_alone"])
                            for x in (summary(p, r) for r in rules))
         lines.append(f"| {name}{mark} | {p['correlation']:.3f} | {p['cond_G']:.1f} | {cells} |")
     lines += ["", "## Gates", "",

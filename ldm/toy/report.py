@@ -11,6 +11,7 @@ import torch
 from ldm.evaluation.harness import DEFAULT_FRACTION
 from ldm.toy import fewshot
 from ldm.toy.experiment import FULL_UNET, GATE_ROWS, NARROW_METHODS, PAIR_EXAMPLE, SUPERCLASS, TAU, TAUS, p_above
+from ldm.toy.fewshot import pct
 from ldm.toy.world import CONCEPTS
 
 
@@ -23,10 +24,6 @@ def _looks_seen(per_concept: dict) -> tuple[int, int]:
     """(concept objects whose look was seen, all concept objects), over every concept."""
     return (round(sum(r["fidelity"] * r["looks"] for r in per_concept.values())),
             sum(r["looks"] for r in per_concept.values()))
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}"
 
 
 def checks(results: dict, labels: Sequence[str]) -> list[tuple[str, str, bool]]:
@@ -43,26 +40,26 @@ def checks(results: dict, labels: Sequence[str]) -> list[tuple[str, str, bool]]:
     gate = [g["median_max_other_gate"] for g in results["gates"][GATE_ROWS[1][0]].values()]
     worst = min(r["fidelity"] for r in perfusion.values())
     return [
-        ("autoencoder ceiling >= 95 % for every concept's look", ", ".join(_pct(c) for c in ceiling.values()),
+        ("autoencoder ceiling >= 95 % for every concept's look", ", ".join(pct(c) for c in ceiling.values()),
          min(ceiling.values()) >= 0.95),
-        ("base model: >= 90 % of requested attributes on held-out prompts", _pct(base["overall"]), base["overall"] >= 0.9),
-        ("base model: positions >= 85 %", _pct(base["position"]), base["position"] >= 0.85),
+        ("base model: >= 90 % of requested attributes on held-out prompts", pct(base["overall"]), base["overall"] >= 0.9),
+        ("base model: positions >= 85 %", pct(base["position"]), base["position"] >= 0.85),
         ("base model: a patterned look in words drawn right >= 70 %",
-         ", ".join(_pct(r["fidelity"]) for r in spelled.values()), words >= 0.7),
+         ", ".join(pct(r["fidelity"]) for r in spelled.values()), words >= 0.7),
         ("nouns attend inside their object >= 3x outside", f"{base['noun_localization']:.2f}x",
          base["noun_localization"] >= 3),
         ("median largest gate at another token < 0.1 (Eq. 3 training, default beta/tau)",
          ", ".join(f"{g:.3f}" for g in gate), max(gate) < 0.1),
-        ("Perfusion mean fidelity >= 60 %", _pct(p_mean["fidelity"]), p_mean["fidelity"] >= 0.6),
+        ("Perfusion mean fidelity >= 60 %", pct(p_mean["fidelity"]), p_mean["fidelity"] >= 0.6),
         ("Perfusion fidelity >= 0.8x the whole-U-Net reference", f"{p_mean['fidelity'] / max(full['fidelity'], 1e-9):.2f}x",
          p_mean["fidelity"] >= 0.8 * full["fidelity"]),
-        ("every concept's fidelity >= 40 %", _pct(worst), worst >= 0.4),
-        ("Perfusion alignment within 5 points of the superclass word's", f"{_pct(p_mean['alignment'])} against "
-         f"{_pct(_mean(floor)['alignment'])}", p_mean["alignment"] >= _mean(floor)["alignment"] - 0.05),
+        ("every concept's fidelity >= 40 %", pct(worst), worst >= 0.4),
+        ("Perfusion alignment within 5 points of the superclass word's", f"{pct(p_mean['alignment'])} against "
+         f"{pct(_mean(floor)['alignment'])}", p_mean["alignment"] >= _mean(floor)["alignment"] - 0.05),
         (f"beta sweep ({results['beta_curve'][str(TAU)][0]['beta']:g} to "
-         f"{results['beta_curve'][str(TAU)][-1]['beta']:g}, tau {TAU}) spans >= 30 points of fidelity", f"{_pct(max(curve) - min(curve))} points",
+         f"{results['beta_curve'][str(TAU)][-1]['beta']:g}, tau {TAU}) spans >= 30 points of fidelity", f"{pct(max(curve) - min(curve))} points",
          max(curve) - min(curve) >= 0.3),
-        ("two concepts in one prompt both present >= 50 %", _pct(sum(both) / len(both)), sum(both) / len(both) >= 0.5),
+        ("two concepts in one prompt both present >= 50 %", pct(sum(both) / len(both)), sum(both) / len(both) >= 0.5),
     ]
 
 
@@ -73,13 +70,13 @@ def narrow_checks(results: dict) -> list[tuple[str, str, bool]]:
     perfusion, floor, full = (_mean(methods[label]) for label in (labels[0], SUPERCLASS, labels[-1]))
     worst = min(r["fidelity"] for r in methods[labels[0]].values())
     return [
-        ("Perfusion mean fidelity in new contexts >= 70 %", _pct(perfusion["fidelity"]), perfusion["fidelity"] >= 0.7),
-        ("every concept's fidelity >= 50 %", _pct(worst), worst >= 0.5),
+        ("Perfusion mean fidelity in new contexts >= 70 %", pct(perfusion["fidelity"]), perfusion["fidelity"] >= 0.7),
+        ("every concept's fidelity >= 50 %", pct(worst), worst >= 0.5),
         ("Perfusion alignment within 5 points of the superclass word's",
-         f"{_pct(perfusion['alignment'])} against {_pct(floor['alignment'])}",
+         f"{pct(perfusion['alignment'])} against {pct(floor['alignment'])}",
          perfusion["alignment"] >= floor["alignment"] - 0.05),
         ("Perfusion fidelity >= 0.8x the whole U-Net fine-tuned on the same images",
-         f"{perfusion['fidelity'] / max(full['fidelity'], 1e-9):.2f}x ({_pct(full['fidelity'])})",
+         f"{perfusion['fidelity'] / max(full['fidelity'], 1e-9):.2f}x ({pct(full['fidelity'])})",
          perfusion["fidelity"] >= 0.8 * full["fidelity"]),
     ]
 
@@ -89,8 +86,8 @@ def _methods_table(per_label: dict, concepts: Sequence[str]) -> list[str]:
              "|---|" + "---|" * (len(concepts) + 2)]
     for label, per in per_label.items():
         m = _mean(per)
-        cells = " | ".join(f"{_pct(per[c]['fidelity'])} / {_pct(per[c]['alignment'])}" for c in concepts)
-        lines.append(f"| {label} | {cells} | **{_pct(m['fidelity'])}** | {_pct(m['alignment'])} |")
+        cells = " | ".join(f"{pct(per[c]['fidelity'])} / {pct(per[c]['alignment'])}" for c in concepts)
+        lines.append(f"| {label} | {cells} | **{pct(m['fidelity'])}** | {pct(m['alignment'])} |")
     return lines
 
 
@@ -144,11 +141,11 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     lines += _methods_table(results["methods"], concepts)
     ceiling = [results["looks"][c]["ceiling"] for c in concepts]
     lines.append("| *ceiling: the concept's own renders through the autoencoder* | "
-                 + " | ".join(_pct(c) for c in ceiling) + f" | {_pct(sum(ceiling) / len(ceiling))} | |")
+                 + " | ".join(pct(c) for c in ceiling) + f" | {pct(sum(ceiling) / len(ceiling))} | |")
     perfusion = _mean(results["methods"][labels[0]])["fidelity"]
     floor = _mean(results["methods"][SUPERCLASS])["fidelity"]
     counts = [_looks_seen(results["methods"][label]) for label in (labels[0], SUPERCLASS)]
-    lines += ["", f"Perfusion's fidelity {_pct(perfusion)}% against {_pct(floor)}% for the superclass word alone: "
+    lines += ["", f"Perfusion's fidelity {pct(perfusion)}% against {pct(floor)}% for the superclass word alone: "
               f"looks seen {counts[0][0]} of {counts[0][1]} against {counts[1][0]} of {counts[1][1]}; one-sided "
               f"Fisher exact p = {p_above(*counts[0], *counts[1]):.2g}.", "",
               "### Checks", "", "| check | measured | holds |", "|---|---|---|"]
@@ -156,7 +153,7 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
     base = results["base_model"]
     lines += ["", "### Base model", "",
               f"`python -m ldm.toy.evaluate` on the {base['prompts']} held-out prompts x {base['seeds']} seeds: "
-              + ", ".join(f"{k} {_pct(base[k])}%" for k in ("shape", "colour", "position", "background", "overall")
+              + ", ".join(f"{k} {pct(base[k])}%" for k in ("shape", "colour", "position", "background", "overall")
                           if k in base)
               + f". The nouns' cross-attention inside their object's mask is {base['noun_localization']:.2f}x "
               "their attention outside it (one-object held-out prompts, the render noised to t = 500, mean over "
@@ -174,12 +171,12 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
               "|---|" + "---|" * len(TAUS)]
     curve = results["beta_curve"]
     for i, point in enumerate(curve[str(TAUS[0])]):
-        cells = " | ".join(f"{_pct(curve[str(t)][i]['fidelity'])} / {_pct(curve[str(t)][i]['alignment'])}" for t in TAUS)
+        cells = " | ".join(f"{pct(curve[str(t)][i]['fidelity'])} / {pct(curve[str(t)][i]['alignment'])}" for t in TAUS)
         lines.append(f"| {point['beta']} | {cells} |")
     rec = results.get("recommendation")
     lines += ["", (f"Recommended (the highest fidelity whose alignment is at least {DEFAULT_FRACTION:g}x the "
                    "superclass word's, the rule of scripts/evaluate_concept.py): "
-                   + (f"beta {rec['beta']}, tau {rec['tau']} ({_pct(rec['fidelity'])} / {_pct(rec['alignment'])})."
+                   + (f"beta {rec['beta']}, tau {rec['tau']} ({pct(rec['fidelity'])} / {pct(rec['alignment'])})."
                       if rec else "none; no setting keeps that alignment.")),
               "", "![beta curve](beta_curve.png)", "", "### Two concepts in one prompt", "",
               f"Prompts \"{PAIR_EXAMPLE}\" (and top/bottom, both orders; {s['pair_seeds']} seeds each), "
@@ -188,15 +185,15 @@ def write_report(out: Path, results: dict, samples: torch.Tensor, labels: Sequen
               "each concept beside a plain object of the other's shape: `python -m ldm.toy.pairs` "
               "(reports/toy-pairs).", "", "| concepts | both appear | fidelity (each) | alignment |", "|---|---|---|---|"]
     for pair, r in results["pairs"].items():
-        lines.append(f"| {pair} | {_pct(r['both'])} | {_pct(r['fidelity'])} | {_pct(r['alignment'])} |")
+        lines.append(f"| {pair} | {pct(r['both'])} | {pct(r['fidelity'])} | {pct(r['alignment'])} |")
     lines += ["", "## Every concept's look, untrained", "",
               "The scorer on each concept's 8 prompts: its own renders through the autoencoder (the ceiling), and "
               "the base model asked for the look in words (a solid colour: its nearest colour word). Per cell: "
               "fidelity, or fidelity / alignment, %.", "",
               "| concept | autoencoder ceiling | the look in words |", "|---|---|---|"]
     for c, r in results["looks"].items():
-        words = f"{_pct(r['words']['fidelity'])} / {_pct(r['words']['alignment'])}"
-        lines.append(f"| {c} | {_pct(r['ceiling'])} | {words} |")
+        words = f"{pct(r['words']['fidelity'])} / {pct(r['words']['alignment'])}"
+        lines.append(f"| {c} | {pct(r['ceiling'])} | {words} |")
     lines += ["", "## Concept size and training time", "",
               "| concept | variant | file bytes | training s |", "|---|---|---|---|"]
     for c in concepts:
