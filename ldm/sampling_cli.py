@@ -99,6 +99,17 @@ def as_given(path) -> str | None:
     return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)
 
 
+def sampling_settings(args, ckpt, height: int, width: int) -> dict:
+    """What a sampling run records in every PNG (besides prompt and seed): the shared flags' values."""
+    settings = {"config": as_given(args.config), "ckpt": as_given(ckpt), "use_ema": args.use_ema,
+                "negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
+                "scale": args.scale, "H": height, "W": width, "n_samples": args.n_samples, "n_iter": args.n_iter,
+                "fixed_code": args.fixed_code, "precision": args.precision}
+    if args.sampler == "ddim":
+        settings["ddim_eta"] = args.ddim_eta
+    return settings
+
+
 def sample_and_save(model, args, prompts: list[tuple[str, str]], negative: str, settings: dict, height: int,
                     width: int, sweep: list[float] | None = None, set_column=None, meta_for=None) -> tuple[list, list]:
     """Each (template, prompt) in --n_iter batches of --n_samples, batch k of the run from seed --seed + k

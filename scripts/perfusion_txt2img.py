@@ -28,7 +28,8 @@ from ldm.perfusion.gate_settings import DEFAULT_BETA, DEFAULT_TAU, choose_gates,
 from ldm.perfusion.gates import format_gate_table, gate_tables, leak_warning
 from ldm.perfusion.inference import load_concepts, parse_numbers, set_gates
 from ldm.perfusion.prompts import PLACEHOLDER_TOKENS, format_prompt, prepare_prompt
-from ldm.sampling_cli import add_sampling_flags, as_given, check_sampling_flags, read_prompts, report, sample_and_save
+from ldm.sampling_cli import (add_sampling_flags, check_sampling_flags, read_prompts, report, sample_and_save,
+                              sampling_settings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,17 +116,10 @@ def main(argv=None) -> int:
             print(line, file=sys.stderr)
     side = model.image_size * model.first_stage_model.downsample_factor
     height, width = args.H or side, args.W or side
-    settings = {
-        "config": as_given(args.config), "ckpt": as_given(ckpt), "use_ema": args.use_ema,
-        "negative_prompt": args.negative_prompt, "global_locking": args.global_locking, "gate_at": args.gate_at,
-        "multi_concept": args.multi, "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "H": height,
-        "W": width, "n_samples": args.n_samples, "n_iter": args.n_iter, "fixed_code": args.fixed_code,
-        "precision": args.precision,
-    }
+    settings = dict(sampling_settings(args, ckpt, height, width), global_locking=args.global_locking,
+                    gate_at=args.gate_at, multi_concept=args.multi)
     if ckpt is None:
         settings["random_weights_seed"] = weights_seed
-    if args.sampler == "ddim":
-        settings["ddim_eta"] = args.ddim_eta
 
     def concepts_now(value):   # per image: the gates it was drawn with; for a sweep's grid, every beta
         described = describe(loaded, sources)

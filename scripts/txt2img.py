@@ -13,7 +13,8 @@ import sys
 
 from ldm.build import build_model, load_config
 from ldm.cli import run_cli
-from ldm.sampling_cli import add_sampling_flags, as_given, check_sampling_flags, read_prompts, report, sample_and_save
+from ldm.sampling_cli import (add_sampling_flags, check_sampling_flags, read_prompts, report, sample_and_save,
+                              sampling_settings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,12 +36,7 @@ def main(argv=None) -> int:
     model = build_model(config, args.ckpt, use_ema=args.use_ema, device=args.device)
     side = model.image_size * model.first_stage_model.downsample_factor
     height, width = args.H or side, args.W or side
-    settings = {"config": as_given(args.config), "ckpt": as_given(args.ckpt), "use_ema": args.use_ema,
-                "negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
-                "scale": args.scale, "H": height, "W": width, "n_samples": args.n_samples, "n_iter": args.n_iter,
-                "fixed_code": args.fixed_code, "precision": args.precision}
-    if args.sampler == "ddim":
-        settings["ddim_eta"] = args.ddim_eta
+    settings = sampling_settings(args, args.ckpt, height, width)
     report(*sample_and_save(model, args, [(p, p) for p in prompts], args.negative_prompt, settings, height, width))
     return 0
 
