@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ldm.errors import UserError
 
 
@@ -67,10 +69,10 @@ def atomic_path(path: str | os.PathLike):
         if err.filename in (None, tmp, Path(tmp)):   # name the file the user asked for, not the temporary one
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
-    except Exception as err:
+    except SafetensorError as err:
         # safetensors reports an operating-system failure (a full disk) as "... (os error N)", not an OSError
         code = re.search(r"\(os error (\d+)\)", str(err))
-        if type(err).__name__ == "SafetensorError" and code:
+        if code:
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
         raise
     finally:
