@@ -25,9 +25,9 @@ def is_image_file(path: str | Path) -> bool:
 def list_images(directory: str | Path) -> list[Path]:
     """Image files directly inside `directory`, sorted by name.
 
-    Sub-folders, hidden files (".DS_Store", "._x.jpg") and JSON files (a concept's captions.json)
-    are ignored silently; any other file whose extension is not an image format is skipped with a
-    warning.
+    Sub-folders, hidden files (".DS_Store", "._x.jpg"), JSON files (a concept's captions.json) and
+    class.txt (a DreamBench subject's class word) are ignored silently; any other file whose extension
+    is not an image format is skipped with a warning.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -36,7 +36,8 @@ def list_images(directory: str | Path) -> list[Path]:
         raise NotAFolderError(f"{directory}: is a file, expected a folder of images")
     images, skipped = [], []
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() == ".json" or path.is_dir():
+        if path.name.startswith(".") or path.suffix.lower() == ".json" or path.name == "class.txt" \
+                or path.is_dir():
             continue
         if not path.is_file():   # a broken link, a link loop, a socket: not readable as an image
             skipped.append(path)
