@@ -102,3 +102,11 @@ def fingerprint_tensors(tensors, samples_per_tensor: int = 4096) -> str:
         # + 0.0 turns -0.0 into 0.0: the same weights, whatever arithmetic last wrote their zeros
         h.update((flat.to(device="cpu", dtype=torch.float64) + 0.0).numpy().tobytes())
     return h.hexdigest()
+
+
+def to_device(tensor, device):
+    """A host tensor on `device` without waiting for the device: on CUDA through pinned memory,
+    asynchronously (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

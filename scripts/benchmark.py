@@ -6,6 +6,7 @@
     python scripts/benchmark.py sample       --config configs/tiny/perfusion-tiny.yaml [--concepts 2]
     python scripts/benchmark.py ema          --config configs/toy/ldm.yaml
     python scripts/benchmark.py eval-overhead --config configs/tiny/perfusion-tiny.yaml
+    python scripts/benchmark.py gpu-report   [--models sd15,sd21,sdxl] --out gpu-report.md   (CUDA; 8 min on an H100)
 
 Timings are ratios of two variants measured alternately in one process (these machines are
 noisy); each figure is the median over --repeats rounds.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ def concept_size(args) -> int:
     built = time.perf_counter() - t0
     captions, supers = _prompts(model, 4)
     with torch.no_grad():
-        model.update_targets(model.cond_stage_model.tokenize(captions), captions, supers)
+        model.update_targets(captions, supers)
     path = model.save_concept(args.out)
     trainable = count_params(model, trainable_only=True)
     size = path.stat().st_size
@@ -74,44 +76,50 @@ def _batch(model, n, side):
 
 
 def train_step(args) -> int:
-    """Perfusion step (latents cached) vs (a) plain LatentDiffusion fine-tuning, (b) the same step with the
-    edit off and (c) the same step encoding its images every step (before latent caching)."""
+    """Perfusion step (latents cached, as in a fit) vs (a) the same step with the edit off, (b) the frozen
+    base model's step (edit off and no targets: the same embedding trained through the unedited model, the
+    physical limit), (c) plain LatentDiffusion fine-tuning and (d) the step encoding its images every step."""
     config = load_config([args.config], args.overrides)
     perfusion = build_model(config, seed=0).train()
-    plain = build_model(_base_config(config), seed=0).train()
     side = perfusion.image_size * perfusion.first_stage_model.downsample_factor
     batch = _batch(perfusion, args.batch_size, side)
-    perfusion.ensure_covariance()
+    perfusion.on_fit_start()   # what a Trainer calls: the covariance, the run's host-side state
     opt_p = perfusion.configure_optimizers()
-    opt_b = plain.configure_optimizers()
 
-    def step(model, opt):
+    def step(model, opt, cached=True, edit=True, targets=True):
         def run():
-            torch.manual_seed(0)
-            loss = model.shared_step(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            model.cache_latents = cached
+            with _EditOff(model, targets) if not edit else nullcontext():
+                torch.manual_seed(0)
+                loss = model.shared_step(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         return run
 
-    edit_off = _EditOff(perfusion)
-    times = {"perfusion": [], "plain": [], "edit_off": [], "uncached": []}
-    for _ in range(args.repeats):
-        perfusion.cache_latents = plain.cache_latents = True
-        times["perfusion"].append(_time(step(perfusion, opt_p)))
-        times["plain"].append(_time(step(plain, opt_b)))
-        with edit_off:
-            times["edit_off"].append(_time(step(perfusion, opt_p)))
-        perfusion.cache_latents = False
-        times["uncached"].append(_time(step(perfusion, opt_p)))
+    variants = {"perfusion": step(perfusion, opt_p), "edit_off": step(perfusion, opt_p, edit=False),
+                "frozen_base": step(perfusion, opt_p, edit=False, targets=False),
+                "uncached": step(perfusion, opt_p, cached=False)}
+    if args.plain:   # a second model, whose whole U-Net trains (on SD: many GB of optimizer state)
+        plain = build_model(_base_config(config), seed=0).train()
+        variants["plain"] = step(plain, plain.configure_optimizers())
+    times = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):   # alternate the order
+            times[name].append(_time(variants[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"config: {args.config}, batch {args.batch_size}, {args.repeats} rounds, device cpu")
-    print(f"perfusion step: {med['perfusion'] * 1e3:.1f} ms; plain LatentDiffusion step: {med['plain'] * 1e3:.1f} ms; "
-          f"perfusion with the rank-1 edit switched off: {med['edit_off'] * 1e3:.1f} ms")
-    print(f"ratio perfusion / plain LatentDiffusion = {med['perfusion'] / med['plain']:.3f}")
-    print(f"ratio perfusion / edit switched off    = {med['perfusion'] / med['edit_off']:.3f}")
-    print(f"ratio perfusion / before latent caching = {med['perfusion'] / med['uncached']:.3f} "
-          f"(that step: {med['uncached'] * 1e3:.1f} ms)")
+    low = {k: min(v) for k, v in times.items()}
+    print(f"config: {args.config}, {side} px, batch {args.batch_size}, {args.repeats} rounds, device cpu, "
+          f"{torch.get_num_threads()} threads")
+    print("median step: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items()))
+    print(f"ratio perfusion / edit switched off      = {med['perfusion'] / med['edit_off']:.3f} "
+          f"(fastest rounds: {low['perfusion'] / low['edit_off']:.3f})")
+    print(f"ratio perfusion / frozen base model step = {med['perfusion'] / med['frozen_base']:.3f} "
+          f"(fastest rounds: {low['perfusion'] / low['frozen_base']:.3f}; edit off, no targets: the embedding "
+          "through the unedited model)")
+    if args.plain:
+        print(f"ratio perfusion / plain LatentDiffusion  = {med['perfusion'] / med['plain']:.3f} (whole U-Net trained)")
+    print(f"ratio perfusion / before latent caching  = {med['perfusion'] / med['uncached']:.3f}")
     print(f"peak memory: {_peak_memory()}")
     return 0
 
@@ -183,7 +191,7 @@ def sample(args) -> int:
             supers = [fill(t, perfusion.superclass) for t in templates]
             perfusion.initialized.fill_(False)
             with torch.no_grad():
-                perfusion.update_targets(perfusion.cond_stage_model.tokenize(captions), captions, supers)
+                perfusion.update_targets(captions, supers)
             files.append(perfusion.save_concept(Path(tmp) / f"concept{k}.safetensors"))
         loaded = load_concepts(perfusion, files, 0.7, 0.15)
     names = " and ".join(f"a {{{k + 1}}}" for k in range(args.concepts))
@@ -221,18 +229,21 @@ def sample(args) -> int:
 
 
 class _EditOff:
-    """Within the block, the cross-attention projections run unedited (bank inactive)."""
+    """Within the block, the cross-attention projections run unedited (bank inactive); with
+    `targets=False` the targets' EMA is not updated either."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, targets: bool = True):
+        self.model, self.targets = model, targets
 
     def __enter__(self):
-        self.saved = self.model.activate_training_concept
         self.model.activate_training_concept = self.model.bank.clear
+        if not self.targets:
+            self.model.update_targets = lambda *args, **kwargs: None
         self.model.bank.clear()
 
     def __exit__(self, *exc):
-        self.model.activate_training_concept = self.saved
+        for name in ("activate_training_concept", "update_targets"):
+            self.model.__dict__.pop(name, None)   # the class's methods again
 
 
 def ema(args) -> int:
@@ -278,7 +289,7 @@ def eval_overhead(args) -> int:
     side = model.image_size * model.first_stage_model.downsample_factor
     captions, supers = _prompts(model, 4)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        model.update_targets(model.cond_stage_model.tokenize(captions), captions, supers)
+        model.update_targets(captions, supers)
         concept = load_concept(model.save_concept(Path(tmp) / "concept.safetensors"))
         clip_config, clip_ckpt, dino = write_tiny_metric_models(tmp)
         judge = Judge(ClipMetric(str(clip_config), clip_ckpt), DinoMetric(dino))
@@ -292,6 +303,32 @@ def eval_overhead(args) -> int:
     print(f"{len(templates)} prompts x {args.seeds} seeds, {args.steps} sampling steps, concept and superclass rows: "
           f"sampling {t['sampling_s']:.2f} s, metrics {t['metrics_s']:.2f} s; metrics / sampling = "
           f"{t['metrics_over_sampling']:.3f}")
+    return 0
+
+
+def gpu_report(args) -> int:
+    """ldm/gpu_report.py's table for --models on --device (default: CUDA; the CPU only with tiny models)."""
+    from ldm import gpu_report as report
+    from ldm.cli import parse_device
+    from ldm.errors import UserError
+    from ldm.util import atomic_path
+
+    device = parse_device(args.device)
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in report.MODELS]
+    if unknown:
+        raise UserError(f"--models: unknown {unknown[0]!r}; choose from {', '.join(report.MODELS)}")
+    if device.type != "cuda" and any(not m.startswith("tiny") for m in models):
+        raise UserError(f"gpu-report measures SD-sized models on a CUDA GPU; this machine has {device.type} "
+                        "(--models tiny,tiny-sdxl --device cpu tries the command)")
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    if not precisions or any(p not in ("fp16", "bf16") for p in precisions):
+        raise UserError(f"--precisions must list fp16 and/or bf16, got {args.precisions!r}")
+    table = report.report(models, device, precisions, args.repeats, args.sample_steps)
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(table)
+    print(table)
+    print(f"written: {args.out}")
     return 0
 
 
@@ -327,6 +364,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--batch_size", type=_at_least(1), default=4)
     s.add_argument("--repeats", type=_at_least(1), default=7)
+    s.add_argument("--no_plain", dest="plain", action="store_false",
+                   help="leave out plain LatentDiffusion fine-tuning (a second model and its optimizer state)")
     s.set_defaults(func=train_step)
     s = sub.add_parser("train-memory", help="peak memory of Perfusion training steps")
     s.add_argument("--config", required=True)
@@ -342,6 +381,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concepts", type=int, default=1, help="how many concepts are loaded (Appendix B, exact)")
     s.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
     s.set_defaults(func=sample)
+    s = sub.add_parser("gpu-report", help="training step, memory and sampling of SD 1.5 / 2.1 / XL on a GPU, as markdown")
+    s.add_argument("--models", default="sd15,sd21,sdxl", help="comma-separated: sd15, sd21, sdxl (tiny, tiny-sdxl: "
+                   "CPU stand-ins); default: %(default)s")
+    s.add_argument("--precisions", default="fp16,bf16", help="autocast precisions (default: %(default)s)")
+    s.add_argument("--device", default=None, help="default: cuda")
+    s.add_argument("--repeats", type=_at_least(1), default=5, help="timed training steps per variant")
+    s.add_argument("--sample_steps", type=_at_least(1), default=50)
+    s.add_argument("--out", default="gpu-report.md", help="the markdown table (default: %(default)s)")
+    s.set_defaults(func=gpu_report)
     s = sub.add_parser("ema", help="time of an EMA weight update, per tensor against foreach")
     s.add_argument("--config", required=True)
     s.add_argument("--repeats", type=_at_least(2), default=15, help="the first update only copies; the rest are timed")

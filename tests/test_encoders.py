@@ -207,11 +207,29 @@ def test_fingerprint_is_stable_and_weight_dependent(sd1):
     assert other.fingerprint() == sd1.fingerprint()
 
 
+def test_a_prefix_of_the_tokens_encodes_as_the_whole_prompt_there(sd1, sd2):
+    """The encoders are causal: Perfusion's targets encode prompts only up to the concept's token."""
+    from ldm.modules.sdxl_conditioner import SDXLConditioner
+
+    torch.manual_seed(0)
+    sdxl = SDXLConditioner(clip=dict(TINY, intermediate_size=256), openclip=dict(TINY, embed_dim=32))
+    for enc in (sd1, sd2, sdxl):
+        tokens = enc.tokenize(PROMPTS)
+        whole = enc.encode_embeddings(tokens, enc.token_embedding(tokens))
+        for n in (1, 6, 77):
+            prefix = enc.encode_embeddings(tokens[:, :n], enc.token_embedding(tokens[:, :n]))
+            torch.testing.assert_close(prefix, whole[:, :n], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(whole[:, 5], whole[:, 6], atol=1e-3)   # positions differ: the check has teeth
+
+
 def test_encode_embeddings_rejects_wrong_shapes(sd1, sd2):
     for enc in (sd1, sd2):
         tokens = enc.tokenize(["a"])
+        too_long = torch.cat([tokens, tokens[:, :1]], 1)
         with pytest.raises(ValueError, match="tokens must have shape"):
-            enc.encode_embeddings(tokens[:, :10], enc.token_embedding(tokens[:, :10]))
+            enc.encode_embeddings(too_long, enc.token_embedding(too_long))
+        with pytest.raises(ValueError, match="token embeddings must have shape"):
+            enc.encode_embeddings(tokens[:, :10], enc.token_embedding(tokens))
         with pytest.raises(ValueError, match="token embeddings must have shape"):
             enc.encode_embeddings(tokens, torch.zeros(1, 77, 32))
 

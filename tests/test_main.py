@@ -366,7 +366,7 @@ def replay_i_super(config, seed: int, ranks: list[int], start_step: int = 0, i_s
         if model.target_templates is None:   # the images' captions, concatenated over ranks
             captions = [c for batch in batches for c in batch["caption"]]
             captions_super = [c for batch in batches for c in batch["caption_super"]]
-            model.update_targets(model.cond_stage_model.tokenize(captions), captions, captions_super)
+            model.update_targets(captions, captions_super)
         else:   # every rank reads the same templates, taken in turn by optimizer step
             step = start_step + k // trainer.accumulate_grad_batches
             model.update_targets(*model.template_targets(batch_size, step))

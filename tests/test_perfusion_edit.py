@@ -224,3 +224,49 @@ def test_patching_keeps_parameter_names(tiny_v1):
     c = torch.randn(1, 77, 64)
     with torch.no_grad():
         assert torch.equal(unet(x, timesteps=t, context=c), tiny_v1.model.diffusion_model(x, timesteps=t, context=c))
+
+
+@pytest.mark.parametrize("gate_at", ["all", "all_detached", "concept"])
+def test_training_computes_every_layer_as_gated_rank1_edit_does(gate_at):
+    """In training the bank computes Eq. 3's rank-1 part of all layers in one product when it packs the
+    context; each layer's output and every gradient equal `gated_rank1_edit` layer by layer."""
+    from ldm.perfusion.edit import ConceptState
+
+    torch.manual_seed(0)
+    pairs = [(Rank1EditLinear(nn.Linear(D_IN, d, bias=False), "key", i),
+              Rank1EditLinear(nn.Linear(D_IN, d, bias=False), "value", i)) for i, d in enumerate((4, 6, 8))]
+    for pair in pairs:   # frozen, as the U-Net's
+        for layer in pair:
+            layer.weight.requires_grad_(False)
+    bank = ConceptBank(pairs, C_inv=torch.linalg.inv(_spd(3)).float())
+    i_star, i_super = torch.randn(1, D_IN), torch.randn(1, D_IN)
+    o_value = [torch.randn(1, v.out_features, requires_grad=True) for _, v in pairs]
+    bank.state = ConceptState(**bank.targets(i_star, i_super, o_value, GateSettings.of(0.6, 0.2, 1)), gate_at=gate_at)
+    e = (i_star * torch.rand(2, 5, 1) + 0.3 * torch.randn(2, 5, D_IN)).requires_grad_()
+    positions = torch.zeros(2, 5, 1, dtype=torch.bool)
+    positions[:, 2] = True
+
+    def outputs_and_grads(fast: bool):
+        e.grad = None
+        for o in o_value:
+            o.grad = None
+        flags = None if gate_at == "all" else positions
+        if fast:
+            context = bank.pack(e, None, flags)
+            outs = [layer(context) for pair in pairs for layer in pair]
+        else:
+            targets = {"key": bank.o_key, "value": bank.o_value}
+            outs = [gated_rank1_edit(e, layer.weight, i_star, targets[layer.role][layer.index], bank.C_inv,
+                                     bank.gates.beta, bank.gates.tau, positions=flags, gate_at=gate_at)
+                    for pair in pairs for layer in pair]
+        sum((out * torch.arange(out.numel()).view_as(out).sin()).sum() for out in outs).backward()
+        return outs, e.grad.clone(), [o.grad.clone() for o in o_value]
+
+    fast, slow = outputs_and_grads(True), outputs_and_grads(False)
+    assert bank._packed is not None   # the fast path ran
+    for a, b in zip(fast[0], slow[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast[2], slow[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert fast[1].abs().sum() > 0 and all(g.abs().sum() > 0 for g in fast[2])

@@ -30,7 +30,8 @@ _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
 class PersonalizedDataset(Dataset):
     """Items: `image` (3, size, size) in [-1, 1], `mask` (1, size, size) in [0, 1], `caption` (a template
-    with `placeholder`) and `caption_super` (the same template with `superclass`).
+    with `placeholder`), `caption_super` (the same template with `superclass`) and `key` (which image, and
+    whether flipped: the key of its cached latent)
 
     Randomness (template, horizontal flip) comes from a generator seeded with `torch.initial_seed()`
     of the process or DataLoader worker that draws the item, so a run is reproducible from its seed.
@@ -176,4 +177,5 @@ class PersonalizedDataset(Dataset):
             "mask": mask,
             "caption": fill(template, self.placeholder),
             "caption_super": fill(template, self.superclass),
+            "key": f"{index}{' flipped' if flip else ''}",   # the latent cache's key (ldm training_latents)
         }

@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.errors import UserError
 from ldm.modules.tokenizer import CLIPTokenizer
-from ldm.util import fingerprint_tensors
+from ldm.util import fingerprint_tensors, to_device
 
 
 def fingerprint_used(module: nn.Module) -> str:
@@ -57,7 +57,7 @@ class _FrozenTextEncoder(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length) on this module's device."""
-        return self.tokenizer(texts).to(self.token_embedding.weight.device)
+        return to_device(self.tokenizer(texts), self.token_embedding.weight.device)
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Context (B, max_length, output_dim) for a batch of prompts."""
@@ -75,9 +75,11 @@ class _FrozenTextEncoder(nn.Module):
         return fingerprint_used(self)
 
     def _check_inputs(self, tokens: torch.Tensor, embeds: torch.Tensor) -> None:
-        if tokens.dim() != 2 or tokens.shape[1] != self.max_length:
-            raise ValueError(f"tokens must have shape (B, {self.max_length}), got {tuple(tokens.shape)}")
-        expected = (tokens.shape[0], self.max_length, self.width)
+        # a prefix of the tokens (T < max_length) is allowed: the encoders are causal, so its encodings are
+        # the full prompt's at those positions (Perfusion's targets read one position and stop there)
+        if tokens.dim() != 2 or not 0 < tokens.shape[1] <= self.max_length:
+            raise ValueError(f"tokens must have shape (B, T <= {self.max_length}), got {tuple(tokens.shape)}")
+        expected = (*tokens.shape, self.width)
         if tuple(embeds.shape) != expected:
             raise ValueError(f"token embeddings must have shape {expected}, got {tuple(embeds.shape)}")
 
@@ -144,7 +146,7 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         self._check_inputs(tokens, embeds)
         # Position ids are made here rather than read from the non-persistent `position_ids`
         # buffer, which is left uninitialised when the module is built on the meta device.
-        positions = torch.arange(self.max_length, device=embeds.device)[None]
+        positions = torch.arange(tokens.shape[1], device=embeds.device)[None]
         hidden = self.transformer.embeddings(inputs_embeds=embeds, position_ids=positions)
         # The causal mask is made here, additive, so no transformers masking helper (whose
         # arguments change between releases) is involved.
@@ -238,10 +240,11 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
 
     def _run(self, tokens: torch.Tensor, embeds: torch.Tensor, pooled: bool):
         self._check_inputs(tokens, embeds)
-        x = embeds + self.model.positional_embedding.to(embeds.dtype)
+        n = tokens.shape[1]
+        x = embeds + self.model.positional_embedding[:n].to(embeds.dtype)
         # Causal mask built per call (not the non-persistent `attn_mask` buffer, which is left
         # uninitialised when the module is built on the meta device): -inf above the diagonal.
-        mask = torch.full((self.max_length, self.max_length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         blocks = self.model.transformer.resblocks
         n_blocks = len(blocks) - 1 if self.layer == "penultimate" else len(blocks)
         for block in blocks[:n_blocks]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, fingerprint_used
+from ldm.util import to_device
 
 SIZE_EMBEDDING = 256   # Fourier features per size value (sgm's ConcatTimestepEmbedderND outdim)
 
@@ -109,6 +110,6 @@ def size_vector(pooled: torch.Tensor, original: tuple[int, int], crop: tuple[int
                 target: tuple[int, int]) -> torch.Tensor:
     """SDXL's added conditioning (Podell et al. 2023, Sec. 2.2): [pooled | Fourier(original h, w) |
     Fourier(crop top, left) | Fourier(target h, w)], each size value a 256-d [cos | sin] embedding."""
-    values = torch.tensor([*original, *crop, *target], dtype=torch.float32, device=pooled.device)
+    values = to_device(torch.tensor([*original, *crop, *target], dtype=torch.float32), pooled.device)
     sizes = timestep_embedding(values, SIZE_EMBEDDING).reshape(1, -1).expand(pooled.shape[0], -1)
     return torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)

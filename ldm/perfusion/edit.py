@@ -137,22 +137,57 @@ def gated_rank1_edit(e: torch.Tensor, weight: torch.Tensor, i_star: torch.Tensor
     if needs_positions(i_star.shape[0], gate_at, check_multi(multi)) and positions is None:
         raise ValueError(f"gate_at={gate_at!r} with multi={multi!r} needs the placeholder positions")
     shared = shared_tokens(i_star.shape[0], gate_at)
-    sim, gate = rule_gates(e, i_star, C_inv, beta, tau, multi, positions, gate_at)
+    sim, gate = placed_gates(e, i_star, C_inv, beta, tau, multi, positions, gate_at)
     dtype = sim.dtype
     with torch.autocast(e.device.type, enabled=False):
-        e, W, O = e.to(dtype), weight.to(dtype), o_star.to(dtype)
-        if gate_at == "all_detached":
-            sim, gate = torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
-        elif gate_at == "concept":
-            sim, gate = sim * positions, gate * positions
-        if shared and multi in ("separate", "named"):
-            out = _exact_projection(e, i_star, C_inv) @ W.T
+        e, W = e.to(dtype), weight.to(dtype)
+        own = None
         if not shared or multi != "separate":
-            # W (e - sum_n sim_n i*_n): Eq. 3 for one concept (and at a placeholder under "named"), the exact
-            # projection with joint coordinates, the approximation under "approx"
-            own = e @ W.T - sim @ (i_star.to(e.device, dtype) @ W.T)
-            out = torch.where(positions.any(-1, keepdim=True), own, out) if shared and multi == "named" else own
-        return out + gate @ O
+            # W (e - sum_n sim_n i*_n) + sum_n gate_n o*_n, its rank-1 terms as one product: Eq. 3 for one concept
+            # (and at a placeholder under "named"), the exact projection with joint coordinates, "approx"
+            own = F.linear(e, W) + coefficients(sim, gate) @ rank1_terms(i_star, W, o_star)
+            if not shared or multi in ("joint", "approx"):
+                return own
+        out = F.linear(_exact_projection(e, i_star, C_inv), W) + gate @ o_star.to(dtype)
+        return out if own is None else torch.where(positions.any(-1, keepdim=True), own, out)
+
+
+def placed_gates(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau, multi: str = "named",
+                 positions: torch.Tensor | None = None, gate_at: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sim, gate) as the edit applies them: `rule_gates`, then `gate_at` (see gated_rank1_edit)."""
+    sim, gate = rule_gates(e, i_star, C_inv, beta, tau, multi, positions, gate_at)
+    if gate_at == "all_detached":
+        return torch.where(positions, sim, sim.detach()), torch.where(positions, gate, gate.detach())
+    if gate_at == "concept":
+        return sim * positions, gate * positions
+    return sim, gate
+
+
+def coefficients(sim: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2N) [-sim(e), gate(e)], the rank-1 terms' coefficients (see rank1_terms)."""
+    return torch.cat([-sim, gate], -1)
+
+
+def rank1_terms(i_star: torch.Tensor, weight: torch.Tensor, o_star: torch.Tensor) -> torch.Tensor:
+    """(2N, d_out) [W i*_n; o*_n] in `weight`'s dtype: Eq. 3 is W e + [-sim(e), gate(e)] @ these."""
+    with torch.autocast(weight.device.type, enabled=False):
+        return torch.cat([i_star.to(weight) @ weight.T, o_star.to(weight.dtype)])
+
+
+def rank1_parts(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta, tau,
+                layers: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor | None = None,
+                gate_at: str = "all") -> tuple[torch.Tensor, ...]:
+    """Eq. 3's rank-1 part, `gated_rank1_edit(e, weight, ...) - W e`, of every (weight, o_star) in `layers` at
+    once, for concepts that never share a token (one concept, or gate_at "concept"): the context is the same
+    for every layer, so it is one product [-sim, gate] @ [W_1 i*; o*_1 | W_2 i*; o*_2 | ...], split by layer."""
+    sim, gate = placed_gates(e, i_star, C_inv, beta, tau, "named", positions, gate_at)
+    with torch.autocast(e.device.type, enabled=False):
+        terms = [rank1_terms(i_star, weight.to(sim.dtype), o_star) for weight, o_star in layers]
+        return (coefficients(sim, gate) @ torch.cat(terms, dim=1)).split([t.shape[1] for t in terms], dim=-1)
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place changes seen by `t` (inference-mode tensors keep no counter: their identity alone is the key)."""
+    return None if t.is_inference() else t._version
 
 
 class Rank1EditLinear(nn.Linear):
@@ -251,6 +286,7 @@ class ConceptBank:
         self.C_inv = C_inv
         self.cache = True
         self._cache: dict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._packed: tuple | None = None   # (context, its version, rank-1 parts by layer) of the last training `pack`
         self.state = ConceptState()
 
     @property
@@ -261,6 +297,7 @@ class ConceptBank:
     def state(self, state: ConceptState):
         self._state = state
         self._cache.clear()
+        self._packed = None
 
     @contextmanager
     def use(self, state: ConceptState):
@@ -329,6 +366,16 @@ class ConceptBank:
         if positions is not None:
             flags = positions.to(e.dtype)
             context = torch.cat([context, flags if e_super is None else torch.cat([flags, flags], 1)], dim=2)
+        if self.active and torch.is_grad_enabled() and not shared_tokens(self.i_star.shape[0], self.gate_at):
+            # training: Eq. 3's rank-1 part of every layer in one product, here, outside the U-Net's
+            # checkpointed blocks (whose recomputation must repeat their own work); sampling caches per layer
+            slots = [(r, layer) for r, layers in (("key", self.keys), ("value", self.values)) for layer in layers
+                     if not (r == "key" and e_super is not None)]   # global key-locking: plain keys
+            targets = {"key": self.o_key, "value": self.o_value}
+            parts = rank1_parts(e, self.i_star, self.C_inv, self.gates.beta, self.gates.tau,
+                                [(layer.weight, targets[r][layer.index]) for r, layer in slots], positions, self.gate_at)
+            self._packed = (context, _version(context),
+                            {(r, layer.index): part for (r, layer), part in zip(slots, parts)})
         return context
 
     def unpack(self, context: torch.Tensor, d_in: int):
@@ -345,8 +392,7 @@ class ConceptBank:
     def edit(self, layer: Rank1EditLinear, context: torch.Tensor) -> torch.Tensor:
         use_cache = self.cache and not torch.is_grad_enabled()
         slot = (layer.role, layer.index)
-        # inference-mode tensors keep no version counter: their identity alone is the key
-        version = None if context.is_inference() else context._version
+        version = _version(context)
         if use_cache and slot in self._cache:
             seen, seen_version, out = self._cache[slot]
             if seen is context and seen_version == version:
@@ -355,6 +401,11 @@ class ConceptBank:
         if e_super is not None and layer.role == "key":
             out = F.linear(e_super, layer.weight)      # global key-locking: K = W_K e_sup
         else:
+            packed = self._packed
+            if packed is not None and packed[0] is context and packed[1] == version:   # the packed training context
+                part = packed[2][layer.role, layer.index]
+                with torch.autocast(e.device.type, enabled=False):
+                    return (F.linear(e.to(part.dtype), layer.weight.to(part.dtype)) + part).to(e.dtype)
             targets = self.o_key if layer.role == "key" else self.o_value
             out = gated_rank1_edit(e, layer.weight, self.i_star, targets[layer.index], self.C_inv,
                                    self.gates.beta, self.gates.tau, self.multi, positions,

@@ -23,6 +23,7 @@ locking it; "embedding" learns only the word embedding with the edit off (textua
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -39,7 +40,7 @@ from ldm.perfusion.covariance import load_covariance
 from ldm.perfusion.edit import GATE_AT, ConceptBank, ConceptState, concept_gates, patch_cross_attention
 from ldm.perfusion.gate_settings import GateSettings
 from ldm.perfusion.prompts import check_prepared, single_token_id, superclass_token_ids, word_pattern
-from ldm.util import fingerprint_tensors, repo_path
+from ldm.util import fingerprint_tensors, repo_path, to_device
 
 
 class DivergedError(UserError, FloatingPointError):
@@ -53,6 +54,15 @@ def _number(name: str, value, positive: bool = False) -> float:
         kind = "a finite number > 0" if positive else "a finite number"
         raise UserError(f"model.params.{name} must be {kind}, got {value!r}")
     return float(value)
+
+
+@dataclass
+class _FitState:
+    """What a training run keeps on the host, so that its steps need not wait for the device."""
+
+    initialized: bool = False                                            # the device's `initialized`, once True
+    frozen: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)   # (what, prompt) -> `frozen_encodings`
+    diverged: torch.Tensor | bool = False                                # on the device: a non-finite loss since the last step
 
 
 class PerfusionLatentDiffusion(LatentDiffusion):
@@ -131,6 +141,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         self.register_buffer("i_super", torch.zeros(d_ctx))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.bank = ConceptBank(pairs, C_inv=None)
+        self._run: _FitState | None = None
         self._training_gates: GateSettings | None = None
         self.covariance_fingerprint: str | None = None
 
@@ -212,7 +223,7 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         """(B, T, N) bool: where each active concept's placeholder sits, if the bank's rule needs it."""
         if not self.bank.needs_positions:
             return None
-        ids = torch.tensor(list(self.concept_rows()), device=device)
+        ids = to_device(torch.tensor(list(self.concept_rows())), device)
         return tokens.to(device)[..., None] == ids
 
     def superclass_alignment(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -251,17 +262,31 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def on_fit_start(self):
         self.ensure_covariance()
         self._fingerprints = self.fingerprints()
+        self._run = _FitState()
 
-    def _concept_positions(self, tokens: torch.Tensor, ids: Sequence[int], what: str, prompts) -> torch.Tensor:
-        """Index per row of the LAST token of `ids` (the superclass's last sub-token sees the whole word)."""
+    def on_fit_end(self):
+        self._run = None
+
+    def targets_initialized(self) -> bool:
+        """Whether a first batch has set the embedding, i*, i_super and o*_V; while fitting, the device's
+        flag is read once (a read is a host-device synchronisation), then known on the host."""
+        run = self._run
+        if run is None:
+            return bool(self.initialized)
+        run.initialized = run.initialized or bool(self.initialized)
+        return run.initialized
+
+    def _concept_positions(self, tokens: torch.Tensor, ids: Sequence[int], what: str, prompts) -> list[int]:
+        """Index per row of the LAST token of `ids` (the superclass's last sub-token sees the whole word),
+        read from the tokenizer's host tokens (no device memory)."""
         n = len(ids)
         windows = tokens.unfold(1, n, 1)                                    # (B, T - n + 1, n)
-        hit = (windows == torch.tensor(ids, device=tokens.device)).all(-1)
+        hit = (windows == torch.tensor(ids)).all(-1)
         missing = [p for p, h in zip(prompts, hit.any(1).tolist()) if not h]
         if missing:
             raise UserError(f"{what} {self.cond_stage_model.tokenizer.decode(list(ids))!r} not found in prompt {missing[0]!r} "
                              "(every training template must contain '{}')")
-        return hit.int().argmax(1) + n - 1
+        return (hit.int().argmax(1) + n - 1).tolist()
 
     @staticmethod
     def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -275,36 +300,60 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         """The concept prompts' encodings with the placeholder's embedding row (which the first batch
         initialises to the superclass word's, identically on every rank)."""
         encoder = self.cond_stage_model
-        if not bool(self.initialized):
+        if not self.targets_initialized():
             with torch.no_grad():
                 self.embedding.copy_(superclass_embedding(encoder, self.superclass_ids))
         return encoder.encode_embeddings(tokens, self.embed_tokens(tokens, {self.placeholder_id: self.embedding}))
 
-    def template_targets(self, n: int, step: int) -> tuple[torch.Tensor, list[str], list[str]]:
-        """(tokens, prompts, superclass prompts) of `n` target templates for optimizer step `step`,
-        taken in turn, so that the EMA sees every template equally often (every rank the same ones)."""
+    def template_targets(self, n: int, step: int) -> tuple[list[str], list[str]]:
+        """(prompts, superclass prompts) of `n` target templates for optimizer step `step`, taken in
+        turn, so that the EMA sees every template equally often (every rank the same ones)."""
         start = step * n
         chosen = [self.target_templates[(start + k) % len(self.target_templates)] for k in range(n)]
-        prompts = [fill(t, self.placeholder) for t in chosen]
-        return self.cond_stage_model.tokenize(prompts), prompts, [fill(t, self.superclass) for t in chosen]
+        return [fill(t, self.placeholder) for t in chosen], [fill(t, self.superclass) for t in chosen]
+
+    def encodings_at(self, prompts: Sequence[str], ids: Sequence[int], what: str,
+                     rows: dict[int, torch.Tensor] | None = None, encodings: torch.Tensor | None = None) -> torch.Tensor:
+        """Encodings (B, d) at the last token of `ids` in each prompt (`rows`: learned embeddings to use).
+        The encoders are causal, so only each batch's prefix up to that token is encoded (the same values
+        as the whole prompt's there); `encodings` of the whole prompts are read instead when given."""
+        tokens = self.cond_stage_model.tokenizer(list(prompts))           # on the host
+        pos = self._concept_positions(tokens, ids, what, prompts)
+        device = self.embedding.device
+        if encodings is None:
+            prefix = to_device(tokens[:, :max(pos) + 1], device)
+            embeds = self.embed_tokens(prefix, rows) if rows else self.cond_stage_model.token_embedding(prefix)
+            encodings = self.cond_stage_model.encode_embeddings(prefix, embeds)
+        return encodings[torch.arange(len(prompts), device=device), to_device(torch.tensor(pos), device)]
 
     @torch.no_grad()
-    def update_targets(self, tokens: torch.Tensor, captions, captions_super, encodings: torch.Tensor | None = None):
+    def frozen_encodings(self, what: str, prompts: Sequence[str], encode) -> torch.Tensor:
+        """`encode(prompts)` (B, ...), a function of the frozen text encoder alone: while fitting, each
+        prompt's row is computed once and kept (a run's prompts are a few templates)."""
+        cache = self._run.frozen if self._run is not None else {}
+        new = list(dict.fromkeys(p for p in prompts if (what, p) not in cache))
+        if new:
+            cache.update(((what, p), row) for p, row in zip(new, encode(new)))
+        return torch.stack([cache[what, p] for p in prompts])
+
+    def superclass_targets(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encodings (B, d) at the superclass word, in float32."""
+        return self.frozen_encodings("i_super", prompts,
+                                     lambda new: self.encodings_at(new, self.superclass_ids, "superclass").float())
+
+    @torch.no_grad()
+    def update_targets(self, captions: Sequence[str], captions_super: Sequence[str],
+                       encodings: torch.Tensor | None = None):
         """EMA of i* and i_super from this batch (averaged over all ranks); the first batch initialises
-        them and o*_V = W_V i_super, identically on every rank. `encodings`: the concept prompts'
+        them and o*_V = W_V i_super, identically on every rank. `encodings`: the captions' whole encodings
         (`encode_concept_prompts`), when the caller has them already."""
-        encoder = self.cond_stage_model
-        first = not bool(self.initialized)
-        if encodings is None:
-            encodings = self.encode_concept_prompts(tokens)
-        encodings = encodings.detach()
-        rows = torch.arange(len(captions), device=encodings.device)
-        pos = self._concept_positions(tokens, [self.placeholder_id], "placeholder", captions)
-        e_star = self._mean_over_ranks(encodings[rows, pos].float().mean(0))
-        super_tokens = encoder.tokenize(list(captions_super))
-        super_enc = encoder.encode_embeddings(super_tokens, encoder.token_embedding(super_tokens))
-        pos_super = self._concept_positions(super_tokens, self.superclass_ids, "superclass", captions_super)
-        e_super = self._mean_over_ranks(super_enc[rows, pos_super].float().mean(0))
+        first = not self.targets_initialized()
+        if first:
+            self.embedding.copy_(superclass_embedding(self.cond_stage_model, self.superclass_ids))
+        e_star = self.encodings_at(captions, [self.placeholder_id], "placeholder", {self.placeholder_id: self.embedding},
+                                   None if encodings is None else encodings.detach())
+        e_star = self._mean_over_ranks(e_star.float().mean(0))
+        e_super = self._mean_over_ranks(self.superclass_targets(captions_super).mean(0))
         if first:
             self.i_star.copy_(e_star)
             self.i_super.copy_(e_super)
@@ -313,6 +362,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
             for o_k, layer in zip(self.o_star_k, self.bank.keys):
                 o_k.copy_(layer.weight.float() @ e_super)        # trained keys start at the locked W_K i_super
             self.initialized.fill_(True)
+            if self._run is not None:
+                self._run.initialized = True
         else:
             d = self.ema_decay
             self.i_star.mul_(d).add_((1 - d) * e_star)
@@ -340,11 +391,10 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def shared_step(self, batch):
         self.ensure_covariance()
         captions = list(batch[self.cond_stage_key])
-        encoder = self.cond_stage_model
-        tokens = encoder.tokenize(captions)
+        tokens = self.cond_stage_model.tokenize(captions)
         cond = self.encode_concept_prompts(tokens)
         if self.target_templates is None:   # the targets' EMA over the images' captions reads cond detached
-            self.update_targets(tokens, captions, batch["caption_super"], encodings=cond)
+            self.update_targets(captions, batch["caption_super"], encodings=cond)
         else:
             self.update_targets(*self.template_targets(len(captions), self.global_step))
         self.activate_training_concept()
@@ -352,16 +402,27 @@ class PerfusionLatentDiffusion(LatentDiffusion):
         if self.bank.active:
             cond = self.bank.pack(cond, None, self.placeholder_positions(tokens, cond.device))
         cond = self.conditioning(cond, captions)
-        z = self.training_latents(batch[self.first_stage_key])
+        z = self.training_latents(batch[self.first_stage_key], batch.get("key"))
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         loss = self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"loss is {loss.item()} at step {self.global_step}; stopping before the "
-                                     "concept is updated (try a lower learning rate or fp32 precision)")
+        if self._run is None:
+            self.check_finite(~torch.isfinite(loss))
+        else:   # read once per optimizer step (on_before_optimizer_step), not here: a read waits for the device
+            self._run.diverged |= ~torch.isfinite(loss.detach())
         if leak is not None:
             self.log("train/leaked_gate", leak.detach(), on_step=True, batch_size=len(captions))
             loss = loss + self.gate_penalty * leak
         return loss
+
+    def check_finite(self, diverged: torch.Tensor | bool):
+        if bool(diverged):
+            raise DivergedError(f"the loss became NaN or infinite at step {self.global_step}; stopping before the "
+                                "concept is updated (try a lower learning rate or fp32 precision)")
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._run is not None:   # every micro-batch of the accumulated gradient is checked here, once
+            self.check_finite(self._run.diverged)
+            self._run.diverged = False
 
     def leaked_gate(self, encodings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean of Eq. 3's gate over the tokens other than the placeholder's, under the bank's active
@@ -446,8 +507,8 @@ class PerfusionLatentDiffusion(LatentDiffusion):
     def attention_picture(self, prompt: str, side: int, t: int = 500) -> torch.Tensor:
         """Where the placeholder token attends: cross-attention probabilities at its position,
         averaged over heads and layers (upsampled to the image), for one noisy latent at timestep t."""
-        tokens = self.cond_stage_model.tokenize([prompt])
-        pos = int(self._concept_positions(tokens, [self.placeholder_id], "placeholder", [prompt])[0])
+        tokens = self.cond_stage_model.tokenizer([prompt])
+        pos = self._concept_positions(tokens, [self.placeholder_id], "placeholder", [prompt])[0]
         maps = []
         for probs in self.cross_attention_probs(prompt, t):
             h = w = int(round(probs.shape[1] ** 0.5))

@@ -25,5 +25,5 @@ from ldm.perfusion.model import PerfusionLatentDiffusion
 class PerfusionSDXL(PerfusionLatentDiffusion, SDXLLatentDiffusion):
     def conditioning(self, context: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """{"crossattn": the (packed) context, "pooled": the superclass prompts' pooled embedding}."""
-        pooled = self.cond_stage_model.pooled([self.superclass_prompt(p) for p in prompts])
+        pooled = self.frozen_encodings("pooled", [self.superclass_prompt(p) for p in prompts], self.cond_stage_model.pooled)
         return self.drop_empty({"crossattn": context, "pooled": pooled.to(context.dtype)}, prompts)

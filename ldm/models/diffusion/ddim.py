@@ -26,7 +26,7 @@ class DDIMSampler:
         denoise = GuidedDenoiser(model, cond, uncond, scale)
         device = denoise.device
         timesteps = ddim_timesteps(model.num_timesteps, steps).clamp_max(model.num_timesteps - 1)
-        alphas = model.alphas_cumprod.double().cpu()
+        alphas = model.host_alphas_cumprod
         x = initial_noise(shape, device, generator) if x_T is None else x_T.to(device)
         order = list(reversed(range(len(timesteps))))
         for i in tqdm(order, desc="DDIM", disable=not progress, leave=False):

@@ -74,7 +74,7 @@ class LatentDiffusion(pl.LightningModule):
         # With cache_latents, each distinct training image (a flip is another image) is encoded once
         # per run: its posterior's mean and std are kept, and only the sampling repeats every step.
         self.cache_latents = cache_latents
-        self._latents: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._latents: dict[str | bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
@@ -100,6 +100,8 @@ class LatentDiffusion(pl.LightningModule):
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
         }.items():
             self.register_buffer(name, value.float(), persistent=False)
+        # the samplers' schedules come from this host copy (the same float32 values): no read of the device
+        self.host_alphas_cumprod = alphas_cumprod.float().double()
 
     # ----------------------------------------------------------------- frozen parts
     def train(self, mode: bool = True):
@@ -121,14 +123,16 @@ class LatentDiffusion(pl.LightningModule):
         return self.scale_factor * z
 
     @torch.no_grad()
-    def training_latents(self, x: torch.Tensor) -> torch.Tensor:
+    def training_latents(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """Scaled posterior samples of training images, as `encode_first_stage`; with `cache_latents`
-        the autoencoder sees each distinct image once (keyed by its bytes)."""
+        the autoencoder sees each distinct image once, known by the dataset's `keys` (one per image, a
+        flip another key); without keys, by a hash of its bytes (a copy to the host, every step)."""
         if not self.cache_latents:
             return self.encode_first_stage(x)
-        import hashlib
+        if keys is None:
+            import hashlib
 
-        keys = [hashlib.blake2b(img.cpu().numpy().tobytes(), digest_size=16).digest() for img in x]
+            keys = [hashlib.blake2b(img.cpu().numpy().tobytes(), digest_size=16).digest() for img in x]
         new = [i for i, key in enumerate(keys) if key not in self._latents]
         if new:
             posterior = self.first_stage_model.encode(x[new])
@@ -212,7 +216,7 @@ class LatentDiffusion(pl.LightningModule):
 
     # ----------------------------------------------------------------- training (plain fine-tuning)
     def shared_step(self, batch):
-        z = self.training_latents(batch[self.first_stage_key])
+        z = self.training_latents(batch[self.first_stage_key], batch.get("key"))
         cond = self.get_learned_conditioning(batch[self.cond_stage_key])
         weight = self.latent_mask(batch.get("mask"), z.shape[-2:])
         return self.p_losses(z, cond, self.sample_timesteps(z.shape[0]), weight=weight)

@@ -20,7 +20,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 class EulerSampler:
     def __init__(self, model):
         self.model = model
-        ac = model.alphas_cumprod.double().cpu()
+        ac = model.host_alphas_cumprod
         self.log_sigmas = ((1 - ac) / ac).sqrt().log()
 
     def sigma_to_t(self, sigma: float) -> float:

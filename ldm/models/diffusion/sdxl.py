@@ -7,9 +7,9 @@ from typing import Sequence
 import torch
 
 from ldm.errors import UserError
-
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.sdxl_conditioner import size_vector
+from ldm.util import to_device
 
 
 class SDXLLatentDiffusion(LatentDiffusion):
@@ -37,9 +37,9 @@ class SDXLLatentDiffusion(LatentDiffusion):
 
     def drop_empty(self, cond: dict[str, torch.Tensor], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """With `zero_empty_prompt`, the rows of empty prompts set to zero."""
-        if not self.zero_empty_prompt:
+        if not self.zero_empty_prompt or all(prompts):   # nothing to zero: the same tensors (the edit knows them)
             return cond
-        keep = torch.tensor([p != "" for p in prompts], device=cond["pooled"].device)
+        keep = to_device(torch.tensor([p != "" for p in prompts]), cond["pooled"].device)
         return {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in cond.items()}
 
     def apply_model(self, x_noisy, t, cond):
