@@ -47,19 +47,21 @@ class Judge:
         return scores
 
 
+def seed_means(scores: dict[str, torch.Tensor], templates: Sequence[str], n_seeds: int) -> list[dict]:
+    """Mean over the seeds of each template, per score (one value per image, prompt-major as `render` draws)."""
+    return [{"prompt": t, **{m: v[k * n_seeds:(k + 1) * n_seeds].mean().item() for m, v in scores.items()}}
+            for k, t in enumerate(templates)]
+
+
 def by_prompt(scores: dict[str, torch.Tensor], templates: Sequence[str], n_seeds: int, which: int = 0) -> list[dict]:
-    """Mean over seeds per template; fidelity scores against concept `which`'s images."""
-    rows = []
-    for k, template in enumerate(templates):
-        span = slice(k * n_seeds, (k + 1) * n_seeds)
-        row = {"prompt": template, "clip_t": scores["clip_t"][span].mean().item()}
-        row.update({m: scores[m][which, span].mean().item() for m in ("clip_i", "dino") if m in scores})
-        rows.append(row)
-    return rows
+    """`seed_means` of CLIP-T and of the fidelity scores against concept `which`'s images."""
+    return seed_means({"clip_t": scores["clip_t"], **{m: scores[m][which] for m in ("clip_i", "dino") if m in scores}},
+                      templates, n_seeds)
 
 
 def mean(rows: Sequence[dict]) -> dict:
-    return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS if rows and m in rows[0]}
+    """Each score's mean over the rows of `seed_means`."""
+    return {m: sum(r[m] for r in rows) / len(rows) for m in rows[0] if m != "prompt"} if rows else {}
 
 
 def evaluate(model, concepts: Sequence, names: Sequence[str], references: Sequence[Sequence[torch.Tensor]],

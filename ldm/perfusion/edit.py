@@ -185,6 +185,7 @@ def rank1_parts(e: torch.Tensor, i_star: torch.Tensor, C_inv: torch.Tensor, beta
         terms = [rank1_terms(i_star, weight.to(sim.dtype), o_star) for weight, o_star in layers]
         return (coefficients(sim, gate) @ torch.cat(terms, dim=1)).split([t.shape[1] for t in terms], dim=-1)
 
+
 def _version(t: torch.Tensor) -> int | None:
     """In-place changes seen by `t` (inference-mode tensors keep no counter: their identity alone is the key)."""
     return None if t.is_inference() else t._version

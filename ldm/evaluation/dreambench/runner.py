@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from ldm.errors import UserError
-from ldm.evaluation.concept_eval import Judge
+from ldm.evaluation.concept_eval import Judge, mean, seed_means
 from ldm.evaluation.dreambench.subjects import Subject, has_masks, reference_images
 from ldm.evaluation.harness import Sampling, render, render_concepts, sweep
 from ldm.util import atomic_path
@@ -120,16 +120,6 @@ def trained_before(work: Path, args: Sequence[str]) -> bool:
         return False
 
 
-def per_prompt(scores: dict[str, torch.Tensor], templates: Sequence[str], n_seeds: int) -> list[dict]:
-    """Mean over the seeds of each prompt (images prompt-major, as the harness renders)."""
-    return [{"prompt": t, **{m: v[k * n_seeds:(k + 1) * n_seeds].mean().item() for m, v in scores.items()}}
-            for k, t in enumerate(templates)]
-
-
-def average(rows: Sequence[dict]) -> dict:
-    return {m: sum(r[m] for r in rows) / len(rows) for m in rows[0] if m != "prompt"}
-
-
 def measure(model, judge: Judge, toy, subject: Subject, concept_file: Path, plan: Plan) -> dict:
     """The subject's scores: per prompt with the concept at (beta, tau), the class word without it, the sweep."""
     from ldm.perfusion.concepts import load_concept
@@ -147,7 +137,7 @@ def measure(model, judge: Judge, toy, subject: Subject, concept_file: Path, plan
         values = {"dino": judged["dino"][0], "clip_i": judged["clip_i"][0], "clip_t": judged["clip_t"]}
         if toy is not None:
             values.update(toy(images, templates, len(seeds), subject.name))
-        return per_prompt(values, templates, len(seeds))
+        return seed_means(values, templates, len(seeds))
 
     def alone(beta: float, tau: float) -> list[dict]:
         return scores(render_concepts(model, [concept], templates, seeds, plan.sampling, beta, tau,
@@ -155,8 +145,8 @@ def measure(model, judge: Judge, toy, subject: Subject, concept_file: Path, plan
 
     baseline = scores(render(model, texts, seeds, plan.sampling))
     rows = alone(plan.beta, plan.tau)
-    points = sweep([(b, plan.tau) for b in plan.betas], lambda b, t: average(alone(b, t)))
-    return {"per_prompt": rows, "mean": average(rows), "baseline": {"per_prompt": baseline, "mean": average(baseline)},
+    points = sweep([(b, plan.tau) for b in plan.betas], lambda b, t: mean(alone(b, t)))
+    return {"per_prompt": rows, "mean": mean(rows), "baseline": {"per_prompt": baseline, "mean": mean(baseline)},
             "sweep": points}
 
 
